@@ -1,0 +1,853 @@
+"""
+GAPT (Gated Phase Transition) in one file: a GPT-2, matrix-based entropy (MBE) of
+its representations, the IBLM objective, and the controller that alternates
+memorisation and compression phases. Paper: Fangyuan Yu, "Memorization-Compression
+Cycles Improve Generalization", arXiv 2505.08727 (2025).
+
+    python gapt.py                                   # tiny GPT on arithmetic, CPU, ~3 minutes
+    python gapt.py --phase_mode=memorize             # the CE-only baseline, same data and seed
+    python gapt.py --task=text --data_dir=data/text  # pretraining on token shards (see data.py)
+    python gapt.py --task=text --model=gpt2 --data_dir=data/fineweb10B   # one GPU
+    torchrun --standalone --nproc_per_node=8 gapt.py --task=text --model=gpt2 \\
+        --total_batch_size=524288 --batch_size=32     # 8 GPUs (nccl), or CPU processes (gloo)
+    torchrun --nnodes=2 --node_rank=0 --rdzv_endpoint=HOST:29500 --nproc_per_node=8 gapt.py ...
+    python gapt.py --help                            # every flag, its default and meaning
+
+Read top to bottom: config -> model -> MBE -> IBLM -> GAPT -> data -> loop.
+Importing this file has no side effects; everything runs under __main__.
+"""
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Config: flat defaults, each with its meaning. Override with --key=value.
+
+CONFIG = [
+    # what to run
+    ("task", "arithmetic", "arithmetic (built in, no download) | text (token shards from data.py) | forgetting (MLP toy)"),
+    ("phase_mode", "gapt", "gapt (switch phases) | memorize (CE only: the baseline) | compress (CE + MBE always)"),
+    ("out_dir", "out", "log.jsonl, config.json, ckpt.pt and curves.png go here"),
+    ("init_from", "scratch", "scratch | resume (continue from out_dir/ckpt.pt)"),
+    ("seed", 1337, "seeds the model init, the data stream and dropout"),
+    ("device", "auto", "auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps"),
+    ("dtype", "auto", "auto (bfloat16 on cuda if supported, else float32) | float32 | bfloat16 | float16 (cuda)"),
+    ("compile", "auto", "torch.compile the model: auto (on for cuda) | on | off"),
+    # model
+    ("model", "tiny", "size preset: tiny (4 layers, 4 heads, 128 wide) | small (6/6/384) | gpt2 (12/12/768, 124M)"),
+    ("n_layer", 0, "transformer blocks (0 = from --model)"),
+    ("n_head", 0, "attention heads (0 = from --model)"),
+    ("n_embd", 0, "residual width (0 = from --model)"),
+    ("block_size", 0, "context length (0 = task default: arithmetic fits its longest problem, text 256 / gpt2 1024)"),
+    ("dropout", 0.0, "dropout probability"),
+    ("bias", True, "biases in Linear and LayerNorm layers, as GPT-2"),
+    # GAPT: MBE, the IBLM loss and the phase controller
+    ("mbe_weight", 1.0, "weight of the MBE term in the compression phase: L = CE + mbe_weight * M"),
+    ("patch_size", 8, "MBE window: entropy of each run of patch_size consecutive tokens"),
+    ("mbe_layers", "inner", "layers whose MBE is compressed: inner (all but first and last) | all | comma list like 1,2"),
+    ("p_m", 100, "memorisation patience: steps without a CE improvement > delta_ce before compressing"),
+    ("p_c", 50, "compression patience: steps without an MBE improvement > delta_mbe before memorising again"),
+    ("delta_ce", 0.01, "CE improvement (nats) that resets the memorisation patience"),
+    ("delta_mbe", 0.002, "MBE improvement (nats) that resets the compression patience"),
+    ("tau", 0.1, "CE spike tolerance: compression ends when CE > (1 + tau) * its best in the phase"),
+    # arithmetic task
+    ("digits_min", 1, "smallest operand digit count in training (paper: 1)"),
+    ("digits_max", 2, "largest operand digit count in training (paper: 3)"),
+    ("ood_digits_min", 3, "smallest operand digit count of the out-of-distribution test (paper: 4)"),
+    ("ood_digits_max", 3, "largest operand digit count of the out-of-distribution test (paper: 6)"),
+    ("reverse_answer", True, "write the product least-significant digit first (learnable in minutes)"),
+    ("n_eval", 512, "problems in each fixed test set (ID and OOD)"),
+    # text task
+    ("data_dir", "data/fineweb10B", "directory with *_train_*.bin and *_val_*.bin shards (data.py)"),
+    ("val_tokens", 65536, "fixed validation token budget: the same val tokens at every eval"),
+    ("tokenizer_file", "", "a GPT-2 .tiktoken ranks file, for machines that cannot download the BPE"),
+    # optimisation
+    ("batch_size", 64, "micro-batch size in sequences, per process"),
+    ("total_batch_size", 0, "tokens per optimizer step over all processes (0 = one micro-batch each)"),
+    ("max_iters", 2000, "optimizer steps"),
+    ("learning_rate", 1e-3, "peak learning rate (AdamW)"),
+    ("min_lr", 1e-4, "learning rate at the end of the cosine decay"),
+    ("warmup_iters", 100, "linear warmup steps"),
+    ("weight_decay", 0.1, "AdamW decay, on 2-D weights only"),
+    ("beta1", 0.9, "AdamW beta1"),
+    ("beta2", 0.99, "AdamW beta2"),
+    ("grad_clip", 1.0, "clip the gradient norm to this (0 = off)"),
+    # evaluation and logging
+    ("eval_interval", 250, "steps between evaluations and checkpoints (0 = none but the last checkpoint)"),
+    ("log_interval", 50, "steps between printed lines (every step goes to log.jsonl)"),
+    ("align_interval", 0, "every K steps log the cosine between grad(CE) and grad(MBE) (0 = off)"),
+    ("max_bad_steps", 3, "stop after this many consecutive steps with a non-finite loss or gradient"),
+]
+DEFAULTS = {k: v for k, v, _ in CONFIG}
+HELP = {k: h for k, _, h in CONFIG}
+CHOICES = {"task": ("arithmetic", "text", "forgetting"), "phase_mode": ("gapt", "memorize", "compress"),
+           "init_from": ("scratch", "resume"), "dtype": ("auto", "float32", "bfloat16", "float16"),
+           "compile": ("auto", "on", "off"), "model": ("tiny", "small", "gpt2")}
+PRESETS = {"tiny": (4, 4, 128), "small": (6, 6, 384), "gpt2": (12, 12, 768)}
+
+
+class ConfigError(ValueError):
+    """Bad input from the user: reported as one line, exit code 2."""
+
+
+def parse_value(key, text):
+    """Convert a command-line string to the type of the key's default."""
+    kind = type(DEFAULTS[key])
+    try:
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        return kind(text)              # float("3") is fine: an int is accepted where a float is expected
+    except ValueError:
+        raise ConfigError(f"--{key}={text}: expected {kind.__name__} (default {DEFAULTS[key]!r})") from None
+
+
+def parse_args(argv):
+    """--key=value overrides of DEFAULTS; a bare --flag sets a boolean to True."""
+    cfg = dict(DEFAULTS)
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument '{arg}': use --key=value (see --help)")
+        key, eq, text = arg[2:].partition("=")
+        if key not in DEFAULTS:
+            raise ConfigError(f"unknown flag --{key} (see --help)")
+        if not eq and type(DEFAULTS[key]) is not bool:
+            raise ConfigError(f"--{key} needs a value: --{key}=...")
+        cfg[key] = parse_value(key, text) if eq else True
+    return validate(cfg)
+
+
+def validate(cfg):
+    """Reject values that would fail later (or silently do the wrong thing)."""
+    for key, choices in CHOICES.items():
+        if cfg[key] not in choices:
+            raise ConfigError(f"--{key}={cfg[key]}: choose one of {' | '.join(choices)}")
+    for key in ("p_m", "p_c", "batch_size", "max_iters", "patch_size", "n_eval", "log_interval",
+                "max_bad_steps", "val_tokens"):
+        if cfg[key] <= 0:
+            raise ConfigError(f"--{key}={cfg[key]}: must be positive")
+    for key in ("n_layer", "n_head", "n_embd", "block_size", "eval_interval", "align_interval",
+                "total_batch_size", "warmup_iters"):
+        if cfg[key] < 0:
+            raise ConfigError(f"--{key}={cfg[key]}: must be >= 0")
+    for key, v in cfg.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"--{key}={v}: must be a finite number")
+    for key in ("tau", "delta_ce", "delta_mbe", "mbe_weight", "weight_decay", "grad_clip", "min_lr"):
+        if cfg[key] < 0:
+            raise ConfigError(f"--{key}={cfg[key]}: must be >= 0")
+    if cfg["learning_rate"] <= 0:
+        raise ConfigError(f"--learning_rate={cfg['learning_rate']}: must be positive")
+    if not 0 <= cfg["dropout"] < 1:
+        raise ConfigError(f"--dropout={cfg['dropout']}: must be in [0, 1)")
+    if not (1 <= cfg["digits_min"] <= cfg["digits_max"] <= 9 and 1 <= cfg["ood_digits_min"] <= cfg["ood_digits_max"] <= 9):
+        raise ConfigError("digit ranges need 1 <= *_digits_min <= *_digits_max <= 9")
+    return cfg
+
+
+def resolve(cfg, vocab_size):
+    """Fill in what depends on the task: model shape and context length."""
+    cfg = dict(cfg)
+    for key, v in zip(("n_layer", "n_head", "n_embd"), PRESETS[cfg["model"]]):
+        cfg[key] = cfg[key] or v
+    if cfg["n_embd"] % cfg["n_head"]:
+        raise ConfigError(f"--n_embd={cfg['n_embd']} must be divisible by --n_head={cfg['n_head']}")
+    if cfg["block_size"] == 0:
+        if cfg["task"] == "arithmetic":   # fit the longest problem, rounded up to whole MBE windows
+            from data import arith_len
+            need = arith_len(max(cfg["digits_max"], cfg["ood_digits_max"])) - 1
+            cfg["block_size"] = -(-need // cfg["patch_size"]) * cfg["patch_size"]
+        else:
+            cfg["block_size"] = 1024 if cfg["model"] == "gpt2" else 256
+    if cfg["block_size"] % cfg["patch_size"]:
+        raise ConfigError(f"--block_size={cfg['block_size']} is not divisible by --patch_size={cfg['patch_size']}")
+    cfg["vocab_size"] = vocab_size
+    cfg["layers"] = mbe_layer_ids(cfg["mbe_layers"], cfg["n_layer"])
+    return cfg
+
+
+def mbe_layer_ids(spec, n_layer):
+    """Which blocks' outputs form the compression target M."""
+    if spec == "all" or (spec == "inner" and n_layer < 3):
+        return list(range(n_layer))
+    if spec == "inner":   # the first block still embeds tokens, the last already predicts them
+        return list(range(1, n_layer - 1))
+    try:
+        ids = sorted({int(s) for s in spec.split(",")})
+    except ValueError:
+        raise ConfigError(f"--mbe_layers={spec}: use inner, all, or a comma list like 1,2") from None
+    if not ids or ids[0] < 0 or ids[-1] >= n_layer:
+        raise ConfigError(f"--mbe_layers={spec}: layers must be in 0..{n_layer - 1}")
+    return ids
+
+
+def print_help():
+    print(__doc__.strip() + "\n\nflags (--key=value):")
+    for key, default, text in CONFIG:
+        print(f"  --{key:<16} {default!s:<16} {text}")
+
+# -----------------------------------------------------------------------------
+# Model: GPT-2 as in nanoGPT. Parameter names follow Hugging Face's GPT-2 so
+# weights can be loaded by name; the forward pass also returns the residual
+# stream after every block, the representations whose entropy GAPT compresses.
+
+
+@dataclass
+class GPTConfig:
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024
+    vocab_size: int = 50257
+    dropout: float = 0.0
+    bias: bool = True
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.n_head, self.dropout = c.n_head, c.dropout
+        self.c_attn = nn.Linear(c.n_embd, 3 * c.n_embd, bias=c.bias)   # q, k, v in one matmul
+        self.c_proj = nn.Linear(c.n_embd, c.n_embd, bias=c.bias)
+        self.resid_dropout = nn.Dropout(c.dropout)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, nh, T, hs): heads become a batch dimension
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,   # flash attention where available
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)             # re-assemble heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.c_fc = nn.Linear(c.n_embd, 4 * c.n_embd, bias=c.bias)
+        self.c_proj = nn.Linear(4 * c.n_embd, c.n_embd, bias=c.bias)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(c.n_embd, bias=c.bias)
+        self.attn = CausalSelfAttention(c)
+        self.ln_2 = nn.LayerNorm(c.n_embd, bias=c.bias)
+        self.mlp = MLP(c)
+
+    def forward(self, x):   # pre-LayerNorm residual block
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.config = c
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(c.vocab_size, c.n_embd),
+            wpe=nn.Embedding(c.block_size, c.n_embd),   # learned positions, as GPT-2
+            drop=nn.Dropout(c.dropout),
+            h=nn.ModuleList([Block(c) for _ in range(c.n_layer)]),
+            ln_f=nn.LayerNorm(c.n_embd, bias=c.bias)))
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight   # weight tying, as GPT-2
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():   # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
+
+    def _init_weights(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) token ids; targets (B, T) with -1 where there is nothing to predict.
+        Returns logits (B, T, vocab), the mean CE over targets (or None), and the
+        residual stream after each block: a list of n_layer tensors (B, T, n_embd)."""
+        T = idx.shape[1]
+        pos = torch.arange(T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        hs = []
+        for block in self.transformer.h:
+            x = block(x)
+            hs.append(x)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss, hs
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())   # tied weights are counted once
+
+# -----------------------------------------------------------------------------
+# Matrix-based entropy (MBE). For N token representations Z (N, D) the Gram
+# matrix G = Z Z^T, normalised to unit trace, A = G / tr(G), has eigenvalues
+# that form a probability distribution; its Renyi entropy of order alpha is
+#     S_alpha(A) = log(sum_i lambda_i^alpha) / (1 - alpha),  S_1 = -sum_i lambda_i log lambda_i.
+# It is 0 when all N representations lie on one line (rank one) and log N when
+# they are orthogonal with equal norms: a measure of how many directions the
+# layer spreads these tokens over. For alpha = 2, sum_i lambda_i^2 = ||A||_F^2,
+# so S_2 = 2 log tr(G) - log ||G||_F^2: no eigendecomposition, just the Gram matrix.
+
+
+def matrix_entropy(Z, alpha=2.0):
+    """Renyi entropy (nats) of the trace-normalised Gram matrix of Z.
+    Z: (..., N, D) -> (...,), in [0, log N]. Computed in at least float32 (also
+    inside autocast), differentiable, and 0 with a zero gradient for Z = 0."""
+    if alpha <= 0:
+        raise ValueError(f"alpha must be positive, got {alpha}")
+    N = Z.shape[-2]
+    with torch.autocast(Z.device.type, enabled=False):
+        Z = Z.to(torch.promote_types(Z.dtype, torch.float32))
+        G = Z @ Z.transpose(-1, -2)                                  # (..., N, N)
+        tr = G.diagonal(dim1=-2, dim2=-1).sum(-1)                    # (...,)
+        fro2 = G.square().sum((-2, -1))                              # ||G||_F^2, (...,)
+        ok = fro2 > 0                                                # Z = 0 (or underflow): entropy 0
+        one = torch.ones_like(tr)
+        tr, fro2 = torch.where(ok, tr, one), torch.where(ok, fro2, one)   # safe values, no NaN gradients
+        if alpha == 2:
+            S = 2 * torch.log(tr) - torch.log(fro2)
+        else:
+            lam = torch.linalg.eigvalsh(G / tr[..., None, None]).clamp(min=0)   # (..., N)
+            if alpha == 1:
+                S = -(lam * torch.log(torch.where(lam > 0, lam, 1.0))).sum(-1)   # 0 log 0 = 0
+            else:
+                S = torch.log(lam.pow(alpha).sum(-1)) / (1 - alpha)
+        return torch.where(ok, S, torch.zeros_like(S)).clamp(0.0, math.log(N))   # clamp: rounding only
+
+
+def patch_mbe(h, patch_size=8):
+    """MBE of one layer: h (B, T, D) -> scalar, the mean entropy over non-overlapping
+    windows of patch_size consecutive tokens of each sequence (the author's setup)."""
+    B, T, D = h.shape
+    if T % patch_size:
+        raise ValueError(f"sequence length {T} is not divisible by patch_size {patch_size}")
+    return matrix_entropy(h.reshape(B, T // patch_size, patch_size, D)).mean()
+
+
+def layer_mbe(hs, layers, patch_size):
+    """MBE of the chosen layers in one batched call: (len(layers),) nats.
+    Stacking first makes this one (L*B*T/P, P, P) Gram computation, not L of them."""
+    h = torch.stack([hs[i] for i in layers])                          # (L, B, T, D)
+    L, B, T, D = h.shape
+    if T % patch_size:
+        raise ValueError(f"sequence length {T} is not divisible by patch_size {patch_size}")
+    return matrix_entropy(h.reshape(L, B * T // patch_size, patch_size, D)).mean(-1)
+
+# -----------------------------------------------------------------------------
+# IBLM: Information Bottleneck Language Modelling asks for the representations
+# of least entropy among those that predict optimally:  min MBE  s.t.  CE = CE*.
+# GAPT does not solve that constrained problem at once; it alternates. In the
+# memorisation phase it minimises CE alone (approach the constraint); in the
+# compression phase it adds the MBE term, L = CE + beta * M (descend the
+# objective while CE stays in the loss, so prediction is held near its best).
+# The controller below watches CE to leave the compression phase as soon as
+# the constraint is visibly violated: a penalty method with a gate.
+
+
+def iblm_loss(ce, mbe, phase, mbe_weight):
+    """Memorise (phase 1): L = CE. Compress (phase 2): L = CE + mbe_weight * M."""
+    return ce + mbe_weight * mbe if phase == 2 else ce
+
+# -----------------------------------------------------------------------------
+# GAPT: the gated phase transition (the paper's Algorithm 1, as reconstructed
+# from the author's code). Memorise until CE stops improving for p_m steps;
+# then compress until MBE stops improving for p_c steps, or CE spikes above
+# (1 + tau) times its best in the phase; repeat. Comparisons are strict.
+
+MEMORIZE, COMPRESS = 1, 2
+
+
+class GAPT:
+    def __init__(self, delta_ce=0.01, delta_mbe=0.002, tau=0.1, p_m=100, p_c=50):
+        self.delta_ce, self.delta_mbe, self.tau, self.p_m, self.p_c = delta_ce, delta_mbe, tau, p_m, p_c
+        self.phase, self.s_m, self.s_c = MEMORIZE, 0, 0
+        self.E_min, self.M_min = math.inf, math.inf   # best CE and MBE seen (reset at each compression)
+
+    def step(self, ce, mbe):
+        """Feed one optimizer step's training CE and compression target M;
+        returns the phase for the next optimizer step."""
+        improved_ce = self.E_min - ce > self.delta_ce
+        spike = ce > (1 + self.tau) * self.E_min
+        self.E_min = min(self.E_min, ce)
+        if self.phase == MEMORIZE:
+            self.s_m = 0 if improved_ce else self.s_m + 1
+            if self.s_m >= self.p_m:                       # CE has plateaued: compress
+                self.phase, self.s_c, self.E_min, self.M_min = COMPRESS, 0, math.inf, math.inf
+        elif spike:                                        # compression hurts prediction
+            self.phase, self.s_m = MEMORIZE, 0
+        else:
+            self.s_c = 0 if self.M_min - mbe > self.delta_mbe else self.s_c + 1
+            self.M_min = min(self.M_min, mbe)
+            if self.s_c >= self.p_c:                       # compression has plateaued
+                self.phase, self.s_m = MEMORIZE, 0
+        return self.phase
+
+    def state_dict(self):
+        return {k: getattr(self, k) for k in ("phase", "s_m", "s_c", "E_min", "M_min")}
+
+    def load_state_dict(self, sd):
+        for k, v in sd.items():
+            setattr(self, k, v)
+
+# -----------------------------------------------------------------------------
+# Data and evaluation. The arithmetic task is generated on the fly (data.py);
+# the text task reads GPT-2 token shards prepared by data.py.
+
+
+def make_data(cfg, rank, world):
+    import data
+    if cfg["task"] == "arithmetic":
+        return data.Arithmetic(cfg["seed"], cfg["block_size"], (cfg["digits_min"], cfg["digits_max"]),
+                               (cfg["ood_digits_min"], cfg["ood_digits_max"]), cfg["n_eval"],
+                               cfg["reverse_answer"], rank)
+    try:
+        return data.TokenShards(cfg["data_dir"], cfg["block_size"], cfg["seed"], rank, world)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+
+
+def eval_batches(cfg, data):
+    """Fixed evaluation sets, {name: [(x, y), ...]}: the same tokens at every eval."""
+    B = cfg["batch_size"]
+    if cfg["task"] == "arithmetic":
+        return {name: list(zip(x.split(B), y.split(B))) for name, (x, y) in data.eval_sets().items()}
+    return {"val": data.val_batches(cfg["val_tokens"], B)}
+
+
+@torch.no_grad()
+def evaluate(model, batches, cfg, device, ctx):
+    """CE on the target tokens only (for arithmetic: the answer, the paper's
+    "masked entropy"), exact match, confidence and the MBE of every layer.
+    Exact match needs no decoding loop: greedy decoding reproduces the answer
+    exactly when, given the true prefix, the argmax is the target at every
+    answer position (and so, inductively, greedy follows the true prefix)."""
+    nll = tokens = exact = seqs = conf = 0.0
+    mbe = torch.zeros(cfg["n_layer"])
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with ctx:
+            logits, _, hs = model(x, y)
+        logp = logits.float().log_softmax(-1)                       # (B, T, V)
+        mask = y >= 0
+        nll += -(logp.gather(-1, y.clamp(min=0)[..., None])[..., 0] * mask).sum().item()
+        tokens += mask.sum().item()
+        exact += ((logp.argmax(-1) == y) | ~mask).all(-1).sum().item()
+        conf += (logp.max(-1).values.exp() * mask).sum().item()     # probability of the model's own top token
+        mbe += layer_mbe(hs, range(len(hs)), cfg["patch_size"]).cpu() * len(x)
+        seqs += len(x)
+    mbe /= seqs
+    return {"ce": nll / tokens, "acc": exact / seqs, "conf": conf / tokens,
+            "mbe": mbe[cfg["layers"]].mean().item(), "mbe_layers": [round(v, 5) for v in mbe.tolist()]}
+
+
+def run_eval(model, evals, cfg, device, ctx):
+    model.eval()
+    out = {}
+    for name, batches in evals.items():
+        for k, v in evaluate(model, batches, cfg, device, ctx).items():
+            if cfg["task"] == "arithmetic" or k in ("ce", "mbe", "mbe_layers"):
+                out[f"{name}_{k}"] = v
+    model.train()
+    return out
+
+
+def grad_alignment(model, x, y, cfg):
+    """The paper's cycle observation: cosine between grad(CE) and grad(M), over
+    all parameters and per block. Positive: lowering CE also compresses;
+    negative: memorising and compressing pull apart."""
+    params = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    _, ce, hs = model(x, y)
+    M = layer_mbe(hs, cfg["layers"], cfg["patch_size"]).mean()
+    g_ce = torch.autograd.grad(ce, list(params.values()), retain_graph=True, allow_unused=True)
+    g_m = torch.autograd.grad(M, list(params.values()), allow_unused=True)
+
+    def cos(names):
+        pairs = [(a, b) for n, a, b in zip(params, g_ce, g_m) if n in names and a is not None and b is not None]
+        a = torch.cat([p[0].flatten() for p in pairs]) if pairs else torch.zeros(1)
+        b = torch.cat([p[1].flatten() for p in pairs]) if pairs else torch.zeros(1)
+        return F.cosine_similarity(a.float(), b.float(), dim=0, eps=1e-12).item()
+    per_layer = [cos({n for n in params if n.startswith(f"transformer.h.{i}.")}) for i in range(cfg["n_layer"])]
+    return cos(set(params)), per_layer
+
+# -----------------------------------------------------------------------------
+# Training loop: setup, checkpoints, logging, then the steps.
+
+
+def setup_device(cfg):
+    """(device, autocast context, grad scaler, ddp info). One code path for cpu, mps and cuda."""
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ   # launched by torchrun
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    dev = cfg["device"]
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(dev)
+    except RuntimeError:
+        raise ConfigError(f"--device={dev}: not a device (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"--device={dev}: no such CUDA device on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device=mps: MPS is not available on this machine")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device={dev}: use auto, cpu, cuda, cuda:N or mps")
+    if ddp and device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+    if ddp:
+        import torch.distributed as dist
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    dtype = cfg["dtype"]
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype == "float16" and device.type != "cuda":
+        raise ConfigError("--dtype=float16 needs a CUDA device (use bfloat16 or float32)")
+    cfg["dtype"] = dtype
+    ptdtype = getattr(torch, dtype)
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=ptdtype)
+    scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "float16"))
+    return device, ctx, scaler, (ddp, rank, world)
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW with weight decay on 2-D weights only (not biases, LayerNorms)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
+                             fused=device.type == "cuda")
+
+
+def get_lr(step, cfg):
+    """Linear warmup from lr/warmup (never 0) to lr, then cosine down to min_lr."""
+    lr, warm, total = cfg["learning_rate"], cfg["warmup_iters"], cfg["max_iters"]
+    if step < warm:
+        return lr * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * min(t, 1.0))) * (lr - cfg["min_lr"])
+
+
+def save_checkpoint(path, state):
+    """Atomic: a run killed while saving leaves the previous checkpoint intact."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def load_checkpoint(out_dir):
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        raise ConfigError(f"--init_from=resume: no checkpoint at {path}")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck["model"], ck["optimizer"], ck["gapt"], ck["step"], ck["data"], ck["rng"]   # noqa: B018, all present?
+    except Exception as e:
+        raise ConfigError(f"--init_from=resume: {path} is damaged ({type(e).__name__}); delete it to start over") from None
+    return ck
+
+
+class Logger:
+    """Rank 0 only: one human line per log interval, every record to log.jsonl."""
+
+    def __init__(self, out_dir, master, resume_step=None):
+        self.master, self.path = master, os.path.join(out_dir, "log.jsonl")
+        if master and resume_step is not None and os.path.exists(self.path):
+            self.truncate_after(resume_step)   # steps after the checkpoint will be run again
+        self.f = open(self.path, "a" if resume_step is not None else "w") if master else None
+
+    def truncate_after(self, step):
+        with open(self.path) as f:
+            keep = [line for line in f if json.loads(line).get("step", 0) <= step]
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(self.path + ".tmp", self.path)
+
+    def record(self, **rec):
+        if self.master:
+            self.f.write(json.dumps(rec) + "\n")
+            self.f.flush()
+
+    def print(self, *a):
+        if self.master:
+            print(*a, flush=True)
+
+
+def all_mean(t, ddp, world):
+    """Mean over ranks. gloo has no ReduceOp.AVG: sum, then divide."""
+    if ddp:
+        import torch.distributed as dist
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= world
+    return t
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (e.g. persistent NaNs): reported as one line, exit code 1."""
+
+
+def build(cfg, device, ck):
+    """Model, optimizer and controller, restored from checkpoint ck when resuming."""
+    torch.manual_seed(cfg["seed"])
+    mc = GPTConfig(cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["block_size"], cfg["vocab_size"],
+                   cfg["dropout"], cfg["bias"])
+    model = GPT(mc).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    controller = GAPT(cfg["delta_ce"], cfg["delta_mbe"], cfg["tau"], cfg["p_m"], cfg["p_c"])
+    if ck:
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        controller.load_state_dict(ck["gapt"])
+    return model, optimizer, controller
+
+
+def train(cfg):
+    device, ctx, scaler, (ddp, rank, world) = setup_device(cfg)
+    master = rank == 0
+    ck = load_checkpoint(cfg["out_dir"]) if cfg["init_from"] == "resume" else None
+    if ck:   # the model and data are the checkpoint's; the schedule and logging are the command line's
+        cfg.update({k: ck["config"][k] for k in ("task", "model", "n_layer", "n_head", "n_embd", "block_size",
+                                                 "bias", "patch_size", "mbe_layers", "seed")})
+    from data import ARITH_VOCAB
+    cfg = resolve(cfg, ARITH_VOCAB if cfg["task"] == "arithmetic" else 50304)   # 50257 padded to 64k: faster
+    B, T = cfg["batch_size"], cfg["block_size"]
+    tokens_per_micro = B * T * world
+    total = cfg["total_batch_size"] or tokens_per_micro
+    if total % tokens_per_micro:
+        raise ConfigError(f"--total_batch_size={total} is not a multiple of batch_size*block_size*processes = {tokens_per_micro}")
+    accum = total // tokens_per_micro
+    data = make_data(cfg, rank, world)
+    model, optimizer, controller = build(cfg, device, ck)
+    phase = {"gapt": controller.phase, "memorize": MEMORIZE, "compress": COMPRESS}[cfg["phase_mode"]]
+    step = 0
+    if ck:
+        step = ck["step"]
+        mine = ck["ranks"][rank] if len(ck["ranks"]) == world else ck["ranks"][0]
+        data.load_state_dict(mine["data"])
+        set_rng_state(mine["rng"])
+        scaler.load_state_dict(ck["scaler"])
+    raw = model                                    # uncompiled, unwrapped: what checkpoints hold
+    if cfg["compile"] == "on" or (cfg["compile"] == "auto" and device.type == "cuda"):
+        model = torch.compile(model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    log = Logger(cfg["out_dir"], master, step if ck else None)
+    if master:
+        with open(os.path.join(cfg["out_dir"], "config.json"), "w") as f:
+            json.dump(cfg, f, indent=1)
+    log.print(f"config: {json.dumps({k: cfg[k] for k in DEFAULTS})}")
+    log.print(f"torch {torch.__version__} | device {device} | dtype {cfg['dtype']} | processes {world} | "
+              f"{raw.num_params():,} parameters | MBE on layers {cfg['layers']} of {cfg['n_layer']}")
+    log.print(f"batch: {total:,} tokens/step = {B} seqs x {T} tokens x {world} processes x {accum} accumulation steps")
+    evals = eval_batches(cfg, data)
+    if step == 0 and cfg["eval_interval"] and master:
+        log.record(kind="eval", step=0, **run_eval(raw, evals, cfg, device, ctx))
+    bad, t_start, switches = 0, time.time(), 0
+    while step < cfg["max_iters"]:
+        t0 = time.time()
+        lr = get_lr(step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        stats = torch.zeros(3, device=device)       # ce, M, phase: averaged over micro-batches and ranks
+        for micro in range(accum):
+            x, y = (t.to(device) for t in data.batch(B))
+            if ddp:   # sync gradients on the last micro-step only; must be set before the forward pass
+                model.require_backward_grad_sync = micro == accum - 1
+            with ctx:
+                _, ce, hs = model(x, y)
+            with nullcontext() if phase == COMPRESS else torch.no_grad():   # in memorisation M is only watched
+                M = layer_mbe(hs, cfg["layers"], cfg["patch_size"]).mean()
+            loss = iblm_loss(ce, M, phase, cfg["mbe_weight"]) / accum   # a mean over micro-batches, not a sum
+            scaler.scale(loss).backward()
+            stats += torch.stack([ce.detach().float(), M.detach(), torch.tensor(float(phase), device=device)]) / accum
+        ce, mbe, phase_mean = all_mean(stats, ddp, world).tolist()
+        if abs(phase_mean - phase) > 1e-6:       # every rank reads the same all-reduced CE and M
+            raise TrainingError(f"step {step}: processes disagree about the phase (mean {phase_mean}, this one {phase})")
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"] or math.inf).item()
+        if not (math.isfinite(ce) and math.isfinite(mbe) and (math.isfinite(norm) or scaler.is_enabled())):
+            optimizer.zero_grad(set_to_none=True)  # skip the update; the controller never sees the values
+            bad += 1
+            log.record(kind="skip", step=step, ce=ce, mbe=mbe, grad_norm=norm)
+            log.print(f"step {step}: non-finite ce={ce} mbe={mbe} grad_norm={norm}: update skipped ({bad}/{cfg['max_bad_steps']})")
+            if bad >= cfg["max_bad_steps"]:
+                raise TrainingError(f"stopped after {bad} consecutive non-finite steps (try a lower --learning_rate); "
+                                    f"the last good checkpoint, if any, is {os.path.join(cfg['out_dir'], 'ckpt.pt')}")
+            continue
+        bad = 0
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        used = phase
+        if cfg["phase_mode"] == "gapt":
+            phase = controller.step(ce, mbe)
+            switches += phase != used
+        step += 1
+        dt = time.time() - t0
+        log.record(kind="train", step=step, phase=used, ce=ce, mbe=mbe, lr=lr, ms=1000 * dt, tok_s=total / dt)
+        if step % cfg["log_interval"] == 0 or step == 1 or step == cfg["max_iters"]:
+            log.print(f"step {step:>5}/{cfg['max_iters']} | {'memorise' if used == MEMORIZE else 'compress'} | "
+                      f"ce {ce:.4f} | mbe {mbe:.4f} | lr {lr:.2e} | {1000 * dt:.1f} ms | {total / dt:,.0f} tok/s")
+        if master and cfg["align_interval"] and step % cfg["align_interval"] == 0:
+            x, y = (t.to(device) for t in next(iter(evals.values()))[0])
+            cos, per_layer = grad_alignment(raw, x, y, cfg)
+            log.record(kind="align", step=step, cos=cos, cos_layers=per_layer)
+        if (cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or step == cfg["max_iters"]:
+            if master:
+                metrics = run_eval(raw, evals, cfg, device, ctx)
+                log.record(kind="eval", step=step, **metrics)
+                log.print(f"eval {step:>5} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not isinstance(v, list)))
+            save(cfg, raw, optimizer, controller, scaler, data, step, ddp, world, master)
+    if master:
+        summary(cfg, log.path, time.time() - t_start, switches)
+        if cfg["task"] == "text":
+            print_samples(raw, evals["val"][0][0], cfg, device)
+    if ddp:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+
+
+def save(cfg, raw, optimizer, controller, scaler, data, step, ddp, world, master):
+    """Checkpoint everything needed to continue as if never stopped, including
+    every rank's data generator and RNG state (gathered to rank 0)."""
+    mine = {"data": data.state_dict(), "rng": rng_state()}
+    ranks = [mine]
+    if ddp:
+        import torch.distributed as dist
+        ranks = [None] * world
+        dist.all_gather_object(ranks, mine)
+    if master:
+        save_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), {
+            "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "gapt": controller.state_dict(),
+            "scaler": scaler.state_dict(), "step": step, "config": cfg, "ranks": ranks})
+
+
+def read_log(path, kind):
+    with open(path) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+def phase_spans(steps, phases):
+    """[(first, last)] step ranges spent in the compression phase, for shading."""
+    spans, start = [], None
+    for s, p in zip(steps, phases):
+        if p == COMPRESS and start is None:
+            start = s
+        if p != COMPRESS and start is not None:
+            spans.append((start, s))
+            start = None
+    if start is not None:
+        spans.append((start, steps[-1]))
+    return spans
+
+
+def summary(cfg, log_path, seconds, switches):
+    train_recs, eval_recs = read_log(log_path, "train"), read_log(log_path, "eval")
+    compress = sum(r["phase"] == COMPRESS for r in train_recs)
+    print("-" * 72)
+    print(f"done: {cfg['max_iters']} steps in {seconds:.0f} s | phase switches {switches} | "
+          f"compression {100 * compress / max(1, len(train_recs)):.0f}% of steps")
+    if eval_recs:
+        print("final eval: " + " | ".join(f"{k} {v:.4f}" for k, v in eval_recs[-1].items()
+                                          if isinstance(v, float)))
+    try:
+        plot_run(train_recs, os.path.join(cfg["out_dir"], "curves.png"), cfg["phase_mode"])
+        print(f"figure: {os.path.join(cfg['out_dir'], 'curves.png')}")
+    except ImportError:
+        print("figure skipped: pip install matplotlib")
+
+
+def plot_run(train_recs, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = [r["step"] for r in train_recs]
+    fig, axes = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    for ax, key, label in zip(axes, ("ce", "mbe"), ("train CE (nats/token)", "MBE of regularised layers (nats)")):
+        ax.plot(steps, [r[key] for r in train_recs], lw=0.8)
+        for a, b in phase_spans(steps, [r["phase"] for r in train_recs]):
+            ax.axvspan(a, b, color="tab:orange", alpha=0.2, lw=0)
+        ax.set_ylabel(label)
+    axes[0].set_title(f"{title}: CE and MBE per step (shaded: compression phases)")
+    axes[1].set_xlabel("optimizer step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def print_samples(model, prompts, cfg, device, n_new=32):
+    """Greedy continuations of a few val prompts, decoded when the GPT-2 tokenizer is at hand."""
+    model.eval()
+    idx = prompts[:3, : cfg["block_size"] // 2].to(device)
+    for _ in range(n_new):
+        logits, _, _ = model(idx[:, -cfg["block_size"]:])
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    try:
+        from data import get_tokenizer
+        enc = get_tokenizer(cfg["tokenizer_file"] or None)
+        decode = lambda ids: enc.decode([i for i in ids if i < enc.n_vocab])   # noqa: E731
+    except Exception:   # offline and no --tokenizer_file: show ids
+        decode = str
+    for row in idx.tolist():
+        print("sample:", repr(decode(row)))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print_help()
+        return 0
+    try:
+        cfg = parse_args(argv)
+        train(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
