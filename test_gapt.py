@@ -1,0 +1,375 @@
+"""Tests for gapt.py and data.py. CPU only; the whole file runs in a few minutes on 2 cores.
+
+    python -m pytest            # everything
+    python -m pytest -k mbe     # a part
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import gapt
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--n_layer=3", "--n_head=2", "--n_embd=32", "--batch_size=16", "--log_interval=1"]
+
+
+def run_gapt(*args, timeout=240, env=None):
+    """gapt.py in a subprocess, as a user runs it."""
+    return subprocess.run([sys.executable, os.path.join(HERE, "gapt.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=HERE, env=env)
+
+
+def read_log(out_dir, kind):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+# -----------------------------------------------------------------------------
+# matrix-based entropy
+
+
+def eig_entropy(Z, alpha):
+    """Reference: the definition, eigenvalues of the trace-normalised Gram matrix, in float64."""
+    G = Z.double() @ Z.double().T
+    lam = torch.linalg.eigvalsh(G / G.trace()).clamp(min=0)
+    if alpha == 1:
+        return -(lam[lam > 0] * lam[lam > 0].log()).sum().item()
+    return (torch.log((lam ** alpha).sum()) / (1 - alpha)).item()
+
+
+def test_mbe_closed_form_equals_eigenvalue_formula():
+    torch.manual_seed(0)
+    for N, D in [(8, 16), (8, 4), (5, 32)]:
+        Z = torch.randn(N, D) * torch.rand(N, 1)   # unequal norms: not a trivial spectrum
+        assert gapt.matrix_entropy(Z, 2.0).item() == pytest.approx(eig_entropy(Z, 2.0), abs=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 3.0])
+def test_mbe_other_orders_match_definition(alpha):
+    torch.manual_seed(1)
+    Z = torch.randn(3, 8, 12)   # a batch of three windows
+    got = gapt.matrix_entropy(Z, alpha)
+    assert got.shape == (3,)
+    for i in range(3):
+        assert got[i].item() == pytest.approx(eig_entropy(Z[i], alpha), abs=1e-4)
+
+
+def test_mbe_orders_are_ordered():
+    # Renyi entropies decrease with the order: S_0.5 >= S_1 >= S_2 >= S_3
+    torch.manual_seed(2)
+    Z = torch.randn(8, 6)
+    s = [gapt.matrix_entropy(Z, a).item() for a in (0.5, 1.0, 2.0, 3.0)]
+    assert s[0] > s[1] > s[2] > s[3] > 0
+
+
+def test_mbe_invariants():
+    torch.manual_seed(3)
+    N = 8
+    rank_one = torch.randn(N, 1) @ torch.randn(1, 16)                 # all rows on one line
+    orthonormal = torch.linalg.qr(torch.randn(16, N))[0].T            # (N, 16), orthonormal rows
+    for alpha in (1.0, 2.0):
+        assert gapt.matrix_entropy(rank_one, alpha).item() == pytest.approx(0.0, abs=1e-4)
+        assert gapt.matrix_entropy(orthonormal, alpha).item() == pytest.approx(math.log(N), abs=1e-5)
+    Z = torch.randn(4, N, 16)
+    assert torch.allclose(gapt.matrix_entropy(Z), gapt.matrix_entropy(37.0 * Z), atol=1e-5)   # scale invariant
+    s = gapt.matrix_entropy(torch.randn(64, N, 3) * 5)
+    assert (s >= 0).all() and (s <= math.log(N) + 1e-6).all()
+
+
+def test_mbe_zero_input_is_finite_with_finite_gradient():
+    Z = torch.zeros(2, 8, 16, requires_grad=True)
+    for alpha in (2.0, 1.0):
+        s = gapt.matrix_entropy(Z, alpha)
+        s.sum().backward()
+        assert torch.equal(s.detach(), torch.zeros(2))
+        assert torch.isfinite(Z.grad).all()
+        Z.grad = None
+
+
+def test_mbe_half_precision_input_is_computed_in_float32():
+    torch.manual_seed(4)
+    Z = torch.randn(8, 32)
+    assert gapt.matrix_entropy(Z.bfloat16()).dtype == torch.float32
+    assert gapt.matrix_entropy(Z.bfloat16()).item() == pytest.approx(gapt.matrix_entropy(Z).item(), abs=2e-2)
+
+
+def test_mbe_gradient_descent_compresses():
+    # the compression phase relies on this: following -grad(MBE) lowers MBE
+    torch.manual_seed(5)
+    Z = torch.randn(8, 16, requires_grad=True)
+    before = gapt.matrix_entropy(Z).item()
+    opt = torch.optim.Adam([Z], lr=0.05)
+    for _ in range(100):
+        opt.zero_grad()
+        gapt.matrix_entropy(Z).backward()
+        opt.step()
+    assert gapt.matrix_entropy(Z).item() < 0.5 * before
+
+
+def test_patch_mbe_windows():
+    torch.manual_seed(6)
+    h = torch.randn(2, 16, 8)
+    by_hand = torch.stack([gapt.matrix_entropy(h[b, w * 8:(w + 1) * 8]) for b in range(2) for w in range(2)]).mean()
+    assert gapt.patch_mbe(h, 8).item() == pytest.approx(by_hand.item(), abs=1e-6)
+    assert gapt.layer_mbe([h, 2 * h], [0, 1], 8).tolist() == pytest.approx([by_hand.item()] * 2, abs=1e-5)
+    with pytest.raises(ValueError, match="not divisible"):
+        gapt.patch_mbe(torch.randn(2, 12, 8), 8)
+
+# -----------------------------------------------------------------------------
+# the GAPT controller (Algorithm 1)
+
+
+def trace(ctrl, seq):
+    return [ctrl.step(ce, mbe) for ce, mbe in seq]
+
+
+def test_gapt_memorise_until_ce_plateaus():
+    g = gapt.GAPT(delta_ce=0.1, p_m=2, p_c=5)
+    # 3.0 improves on inf; 2.95 is not > 0.1 better (patience 1); 2.9 likewise (patience 2) -> compress
+    assert trace(g, [(3.0, 1.0), (2.95, 1.0), (2.9, 1.0)]) == [1, 1, 2]
+    assert (g.E_min, g.M_min, g.s_c) == (math.inf, math.inf, 0)   # both records reset on entering compression
+
+
+def test_gapt_ce_improvement_threshold_is_strict():
+    g = gapt.GAPT(delta_ce=0.5, p_m=2)
+    # 2.5 is exactly delta better than 3.0: not an improvement (strict), so patience counts
+    assert trace(g, [(3.0, 1.0), (2.5, 1.0)]) == [1, 1] and g.s_m == 1
+    g = gapt.GAPT(delta_ce=0.5, p_m=2)
+    assert trace(g, [(3.0, 1.0), (2.49, 1.0)]) == [1, 1] and g.s_m == 0
+
+
+def test_gapt_compression_ends_when_mbe_plateaus():
+    g = gapt.GAPT(delta_ce=0.1, delta_mbe=0.1, tau=0.5, p_m=1, p_c=2)
+    assert trace(g, [(3.0, 9.0), (3.0, 9.0)]) == [1, 2]              # first step sets E_min, second plateaus
+    # in compression: 1.0 improves on inf; 0.95 and 0.9 are not > 0.1 better -> back to memorise
+    assert trace(g, [(3.0, 1.0), (3.0, 0.95), (3.0, 0.9)]) == [2, 2, 1]
+    assert g.s_m == 0 and g.M_min == 0.9
+
+
+def test_gapt_compression_ends_on_ce_spike_with_strict_threshold():
+    g = gapt.GAPT(delta_ce=0.1, tau=0.5, p_m=1, p_c=100)
+    trace(g, [(2.0, 1.0), (2.0, 1.0)])                              # now compressing
+    assert g.phase == 2
+    assert trace(g, [(2.0, 1.0), (3.0, 1.0)]) == [2, 2]            # 3.0 == 1.5 * 2.0: not a spike (strict)
+    assert trace(g, [(3.0001, 1.0)]) == [1]                         # above (1 + tau) * E_min: spike
+    assert g.s_m == 0
+
+
+def test_gapt_mbe_threshold_is_strict_and_cycle_repeats():
+    g = gapt.GAPT(delta_ce=1.0, delta_mbe=0.5, tau=10, p_m=1, p_c=1)
+    assert trace(g, [(5.0, 0.0), (5.0, 0.0)]) == [1, 2]
+    assert trace(g, [(5.0, 2.0)]) == [2]                            # M improves on inf: s_c = 0
+    assert trace(g, [(5.0, 1.5)]) == [1]                            # exactly delta_mbe better: not enough
+    assert trace(g, [(5.0, 0.0)]) == [2]                            # E_min 5.0 kept: no CE improvement -> compress
+    assert g.s_c == 0
+
+
+def test_gapt_state_dict_round_trip():
+    g = gapt.GAPT(delta_ce=0.1, p_m=3, p_c=3)
+    seq = [(3.0, 1.0), (2.95, 0.9), (2.94, 0.8), (2.93, 0.7), (2.92, 0.6), (2.91, 0.6), (2.91, 0.6)]
+    trace(g, seq[:4])
+    h = gapt.GAPT(delta_ce=0.1, p_m=3, p_c=3)
+    h.load_state_dict(json.loads(json.dumps(g.state_dict(), default=str).replace('"inf"', "Infinity")))
+    assert trace(h, seq[4:]) == trace(g, seq[4:])
+    assert h.state_dict() == g.state_dict()
+
+
+def test_iblm_loss_by_phase():
+    ce, m = torch.tensor(2.0), torch.tensor(0.5)
+    assert gapt.iblm_loss(ce, m, 1, 3.0).item() == 2.0
+    assert gapt.iblm_loss(ce, m, 2, 3.0).item() == 3.5
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+def test_gpt2_small_parameter_count_and_names():
+    with torch.device("meta"):   # no memory: shapes only
+        model = gapt.GPT(gapt.GPTConfig(12, 12, 768, 1024, 50257, 0.0, True))
+    assert model.num_params() == 124_439_808
+    names = dict(model.named_parameters())
+    for n in ("transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.attn.c_attn.weight",
+              "transformer.h.11.mlp.c_fc.bias", "transformer.ln_f.weight"):
+        assert n in names
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_residual_projection_init_is_scaled():
+    torch.manual_seed(0)
+    model = gapt.GPT(gapt.GPTConfig(8, 2, 64, 16, 50, 0.0, True))
+    std = model.transformer.h[0].mlp.c_proj.weight.std().item()
+    assert std == pytest.approx(0.02 / math.sqrt(16), rel=0.1)
+    assert model.transformer.h[0].mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_model_is_causal_and_returns_every_block():
+    torch.manual_seed(0)
+    model = gapt.GPT(gapt.GPTConfig(3, 2, 32, 16, 20, 0.0, True)).eval()
+    x = torch.randint(0, 20, (2, 16))
+    x2 = x.clone()
+    x2[:, 10:] = (x2[:, 10:] + 1) % 20                               # change the future only
+    logits, loss, hs = model(x)
+    logits2, _, hs2 = model(x2)
+    assert loss is None and logits.shape == (2, 16, 20)
+    assert len(hs) == 3 and all(h.shape == (2, 16, 32) for h in hs)
+    assert torch.allclose(logits[:, :10], logits2[:, :10], atol=1e-6)
+    assert not torch.allclose(logits[:, 10:], logits2[:, 10:])
+    assert torch.allclose(hs[1][:, :10], hs2[1][:, :10], atol=1e-6)
+
+
+def test_overfits_one_batch_and_compression_lowers_mbe():
+    torch.manual_seed(0)
+    A = data.Arithmetic(0, 24)
+    x, y = A.batch(8)
+    model = gapt.GPT(gapt.GPTConfig(3, 2, 64, 24, data.ARITH_VOCAB, 0.0, True))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    mbe0 = gapt.layer_mbe(model(x, y)[2], [1], 8).item()
+    for _ in range(150):
+        _, ce, hs = model(x, y)
+        loss = gapt.iblm_loss(ce, gapt.layer_mbe(hs, [1], 8).mean(), 2, 1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _, ce, hs = model(x, y)
+    assert ce.item() < 0.05
+    assert gapt.layer_mbe(hs, [1], 8).item() < mbe0
+
+# -----------------------------------------------------------------------------
+# the arithmetic task
+
+
+def test_arithmetic_encoding_and_answer_mask():
+    x, y = data.arith_encode(np.array([12]), np.array([34]), 24, reverse=False)
+    assert data.arith_decode(x[0]) == "<bos>12 x 34 = 408<eos>"
+    answer = [data.ARITH_ITOS[int(t)] for t in y[0] if t > 2]
+    assert "".join(answer) == "408" and (y[0] == data.EOS).sum() == 1
+    assert (y[0][:8] == -1).all()                                    # no loss on the prompt
+    x, _ = data.arith_encode(np.array([12]), np.array([34]), 24, reverse=True)
+    assert data.arith_decode(x[0]) == "<bos>12 x 34 = 804<eos>"
+    with pytest.raises(ValueError, match="block_size"):
+        data.arith_encode(np.array([123456]), np.array([654321]), 16, reverse=False)
+
+
+def test_arithmetic_splits_are_fixed_and_held_out():
+    A, B = data.Arithmetic(0, 32, (1, 2), (3, 3)), data.Arithmetic(1, 32, (1, 2), (3, 3))
+    assert torch.equal(A.eval_sets()["id"][0], B.eval_sets()["id"][0])      # same test set for every seed
+    assert not torch.equal(A.batch(64)[0], B.batch(64)[0])                   # different training streams
+    held = set(map(tuple, A.id_ab.T.tolist()))
+    for _ in range(20):
+        x, _ = A.batch(256)
+        seen = {tuple(int(v) for v in data.arith_decode(r).split(" = ")[0][5:].split(" x ")) for r in x}
+        assert not seen & held
+    ood = data.Arithmetic(0, 40, (1, 3), (4, 6)).ood_ab                      # the paper's split is reachable
+    assert ood.min() >= 1000 and ood.max() < 10**6
+
+
+def test_arithmetic_state_round_trip():
+    A = data.Arithmetic(0, 24)
+    A.batch(10)
+    s = A.state_dict()
+    first = A.batch(10)[0]
+    A.load_state_dict(s)
+    assert torch.equal(A.batch(10)[0], first)
+
+
+def test_exact_match_equals_greedy_decoding():
+    torch.manual_seed(0)
+    A = data.Arithmetic(0, 24)
+    model = gapt.GPT(gapt.GPTConfig(2, 2, 32, 24, data.ARITH_VOCAB, 0.0, True))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(300):   # a half-trained model: some answers right, some wrong
+        _, ce, _ = model(*A.batch(64))
+        opt.zero_grad()
+        ce.backward()
+        opt.step()
+    x, y = A.eval_sets()["id"]
+    x, y = x[:64], y[:64]
+    cfg = {"n_layer": 2, "patch_size": 8, "layers": [0, 1]}
+    fast = gapt.evaluate(model.eval(), [(x, y)], cfg, "cpu", gapt.nullcontext())["acc"]
+    slow = 0
+    for xi, yi in zip(x, y):                                          # real greedy decoding
+        start = int((yi >= 0).nonzero()[0])
+        seq = xi[:start + 1].tolist()
+        while len(seq) < 24 and seq[-1] != data.EOS:
+            seq.append(int(model(torch.tensor([seq]))[0][0, -1].argmax()))
+        want = xi[:start + 1].tolist() + yi[start:][yi[start:] >= 0].tolist()
+        slow += seq[:len(want)] == want
+    assert 0 < slow < 64 and fast == slow / 64
+
+# -----------------------------------------------------------------------------
+# the command line
+
+
+def test_help_lists_every_flag():
+    r = run_gapt("--help")
+    assert r.returncode == 0
+    for key in gapt.DEFAULTS:
+        assert f"--{key}" in r.stdout
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--nope=1"], "unknown flag --nope"),
+    (["--p_m=abc"], "expected int"),
+    (["--p_m=1.5"], "expected int"),
+    (["--task=poetry"], "choose one of"),
+    (["--phase_mode=sleep"], "choose one of"),
+    (["--p_m=0"], "must be positive"),
+    (["--p_c=-1"], "must be positive"),
+    (["--batch_size=0"], "must be positive"),
+    (["--max_iters=0"], "must be positive"),
+    (["--tau=-0.1"], "must be >= 0"),
+    (["--delta_ce=nan"], "finite"),
+    (["--learning_rate=inf"], "finite"),
+    (["--block_size=20"], "not divisible by --patch_size"),
+    (["--device=cuda:7"], "no such CUDA device"),
+    (["--device=tpu"], "--device=tpu"),
+    (["--init_from=resume"], "no checkpoint"),
+    (["--task=text", "--data_dir=nowhere"], "python data.py"),
+    (["stray"], "unexpected argument"),
+])
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, args, msg):
+    out = tmp_path / "run"
+    r = run_gapt(*args, f"--out_dir={out}")
+    assert r.returncode == 2, r.stderr
+    assert msg in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def test_parse_accepts_int_for_float_and_bools():
+    cfg = gapt.parse_args(["--tau=1", "--bias=false", "--reverse_answer"])
+    assert cfg["tau"] == 1.0 and isinstance(cfg["tau"], float)
+    assert cfg["bias"] is False and cfg["reverse_answer"] is True
+
+
+def test_few_step_run_switches_phases_and_logs(tmp_path):
+    out = tmp_path / "run"
+    r = run_gapt(*TINY, "--max_iters=60", "--p_m=3", "--p_c=3", "--delta_ce=0.05", "--tau=10",
+                 "--eval_interval=30", "--align_interval=20", f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr
+    assert "compress" in r.stdout and "eval" in r.stdout and "done: 60 steps" in r.stdout
+    train = read_log(out, "train")
+    assert [t["step"] for t in train] == list(range(1, 61))
+    phases = [t["phase"] for t in train]
+    assert any(a == 1 and b == 2 for a, b in zip(phases, phases[1:]))
+    assert any(a == 2 and b == 1 for a, b in zip(phases, phases[1:]))
+    assert all(set(t) == {"kind", "step", "phase", "ce", "mbe", "lr", "ms", "tok_s"} for t in train)
+    ev = read_log(out, "eval")
+    assert [e["step"] for e in ev] == [0, 30, 60]
+    assert len(ev[-1]["id_mbe_layers"]) == 3 and 0 <= ev[-1]["ood_acc"] <= 1
+    assert len(read_log(out, "align")) == 3
+    assert (out / "curves.png").stat().st_size > 0 and (out / "ckpt.pt").exists()
+    assert json.loads((out / "config.json").read_text())["p_m"] == 3
+
+
+def test_memorize_mode_never_compresses_and_compress_mode_always(tmp_path):
+    for mode, want in (("memorize", {1}), ("compress", {2})):
+        out = tmp_path / mode
+        r = run_gapt(*TINY, "--max_iters=20", "--p_m=1", "--eval_interval=0", f"--phase_mode={mode}", f"--out_dir={out}")
+        assert r.returncode == 0, r.stderr
+        assert {t["phase"] for t in read_log(out, "train")} == want
