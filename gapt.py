@@ -325,7 +325,7 @@ def matrix_entropy(Z, alpha=2.0):
         G = Z @ Z.transpose(-1, -2)                                  # (..., N, N)
         tr = G.diagonal(dim1=-2, dim2=-1).sum(-1)                    # (...,)
         fro2 = G.square().sum((-2, -1))                              # ||G||_F^2, (...,)
-        ok = fro2 > 0                                                # Z = 0 (or underflow): entropy 0
+        ok = fro2 != 0                                               # Z = 0 (or underflow): entropy 0; NaN stays NaN
         one = torch.ones_like(tr)
         tr, fro2 = torch.where(ok, tr, one), torch.where(ok, fro2, one)   # safe values, no NaN gradients
         if alpha == 2:
@@ -578,7 +578,9 @@ def load_checkpoint(out_dir):
         raise ConfigError(f"--init_from=resume: no checkpoint at {path}")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
-        ck["model"], ck["optimizer"], ck["gapt"], ck["step"], ck["data"], ck["rng"]   # noqa: B018, all present?
+        missing = {"model", "optimizer", "gapt", "scaler", "step", "config", "ranks"} - set(ck)
+        if missing:
+            raise KeyError(", ".join(sorted(missing)))
     except Exception as e:
         raise ConfigError(f"--init_from=resume: {path} is damaged ({type(e).__name__}); delete it to start over") from None
     return ck
@@ -755,7 +757,9 @@ def save(cfg, raw, optimizer, controller, scaler, data, step, ddp, world, master
         import torch.distributed as dist
         ranks = [None] * world
         dist.all_gather_object(ranks, mine)
-    if master:
+    if master and not all(torch.isfinite(p).all() for p in raw.parameters()):
+        print(f"step {step}: non-finite weights, checkpoint not written")
+    elif master:
         save_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), {
             "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "gapt": controller.state_dict(),
             "scaler": scaler.state_dict(), "step": step, "config": cfg, "ranks": ranks})
