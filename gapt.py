@@ -43,6 +43,8 @@ CONFIG = [
     ("device", "auto", "auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps"),
     ("dtype", "auto", "auto (bfloat16 on cuda if supported, else float32) | float32 | bfloat16 | float16 (cuda)"),
     ("compile", "auto", "torch.compile the model: auto (on for cuda) | on | off"),
+    ("bench", False, "time memorise and compress steps against a plain PyTorch loop, print a table, train nothing"),
+    ("bench_steps", 20, "--bench: timed steps per mode, after 3 warm-up steps"),
     # model
     ("model", "tiny", "size preset: tiny (4 layers, 4 heads, 128 wide) | small (6/6/384) | gpt2 (12/12/768, 124M)"),
     ("n_layer", 0, "transformer blocks (0 = from --model)"),
@@ -71,6 +73,8 @@ CONFIG = [
     ("data_dir", "data/fineweb10B", "directory with *_train_*.bin and *_val_*.bin shards (data.py)"),
     ("val_tokens", 65536, "fixed validation token budget: the same val tokens at every eval"),
     ("tokenizer_file", "", "a GPT-2 .tiktoken ranks file, for machines that cannot download the BPE"),
+    # forgetting toy
+    ("forget_m", 0.8, "task A's teacher is theta0 + m * Delta, task B's theta0 - m * Delta (paper: 0.8)"),
     # optimisation
     ("batch_size", 64, "micro-batch size in sequences, per process"),
     ("total_batch_size", 0, "tokens per optimizer step over all processes (0 = one micro-batch each)"),
@@ -87,6 +91,10 @@ CONFIG = [
     ("log_interval", 50, "steps between printed lines (every step goes to log.jsonl)"),
     ("align_interval", 0, "every K steps log the cosine between grad(CE) and grad(MBE) (0 = off)"),
     ("max_bad_steps", 3, "stop after this many consecutive steps with a non-finite loss or gradient"),
+    # experiments
+    ("compare", "", "run these phase modes, e.g. memorize,gapt,compress, x --seeds into out_dir, then a figure"),
+    ("seeds", 3, "seeds per arm for --compare (--seed, --seed+1, ...)"),
+    ("fig", "", "figure path for --compare (default figures/<task>.png; figures/cycle.png with --align_interval)"),
 ]
 DEFAULTS = {k: v for k, v, _ in CONFIG}
 HELP = {k: h for k, _, h in CONFIG}
@@ -136,7 +144,7 @@ def validate(cfg):
         if cfg[key] not in choices:
             raise ConfigError(f"--{key}={cfg[key]}: choose one of {' | '.join(choices)}")
     for key in ("p_m", "p_c", "batch_size", "max_iters", "patch_size", "n_eval", "log_interval",
-                "max_bad_steps", "val_tokens"):
+                "max_bad_steps", "val_tokens", "seeds", "bench_steps"):
         if cfg[key] <= 0:
             raise ConfigError(f"--{key}={cfg[key]}: must be positive")
     for key in ("n_layer", "n_head", "n_embd", "block_size", "eval_interval", "align_interval",
@@ -835,6 +843,194 @@ def print_samples(model, prompts, cfg, device, n_new=32):
     for row in idx.tolist():
         print("sample:", repr(decode(row)))
 
+# -----------------------------------------------------------------------------
+# Catastrophic-forgetting toy (--task=forgetting): a student MLP learns task A,
+# then task B (data.forgetting_data) under the same IBLM loss and controller as
+# the GPT, with the L1 loss in place of CE and M the MBE of its hidden layer over
+# windows of patch_size samples. The paper's claim: compression separates the
+# two tasks' representations and so reduces interference. A run takes seconds
+# on a CPU, so it skips train()'s device, DDP and checkpoint machinery (there is
+# nothing worth resuming).
+
+
+class Student(nn.Module):
+    """The teacher's shape, n_in -> n_hidden -> 1 with ReLU; also returns the hidden layer."""
+
+    def __init__(self, n_in, n_hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(n_in, n_hidden), nn.Linear(n_hidden, 1)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))                                        # (n, n_hidden)
+        return self.fc2(h), h
+
+
+def separation(ha, hb):
+    """||mean(ha) - mean(hb)|| / sqrt((var_a + var_b) / 2), var = the mean squared distance
+    to the group's mean: how far apart two groups of vectors (n, D) lie, in units of their spread."""
+    d = (ha.mean(0) - hb.mean(0)).norm().item()
+    s = math.sqrt(sum((h - h.mean(0)).square().sum(1).mean().item() for h in (ha, hb)) / 2)
+    return d / s if s > 0 else (0.0 if d == 0 else math.inf)   # no spread: two points, apart or not
+
+
+def fit_task(model, x, y, cfg, log, task, start):
+    """max_iters full-batch Adam steps on L1 (+ mbe_weight * M when compressing); returns the last step.
+    The learning rate is constant: a schedule across both tasks would learn B slower than A.
+    The controller starts afresh: carried over, its best loss would be A's, which B's early
+    losses never improve on, so it would compress after p_m steps while B is still unlearnt."""
+    controller = GAPT(cfg["delta_ce"], cfg["delta_mbe"], cfg["tau"], cfg["p_m"], cfg["p_c"])
+    phase = {"gapt": controller.phase, "memorize": MEMORIZE, "compress": COMPRESS}[cfg["phase_mode"]]
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["learning_rate"])   # fresh: no task-A moments in B
+    n_compress = 0
+    for step in range(start + 1, start + cfg["max_iters"] + 1):
+        pred, h = model(x)
+        l1 = F.l1_loss(pred, y)
+        with nullcontext() if phase == COMPRESS else torch.no_grad():   # in memorisation M is only watched
+            M = patch_mbe(h[None], cfg["patch_size"])                    # samples as a (1, n, D) sequence
+        opt.zero_grad(set_to_none=True)
+        iblm_loss(l1, M, phase, cfg["mbe_weight"]).backward()
+        opt.step()
+        used, n_compress = phase, n_compress + (phase == COMPRESS)
+        if cfg["phase_mode"] == "gapt":
+            phase = controller.step(l1.item(), M.item())
+        log.record(kind="train", step=step, task=task, phase=used, loss=l1.item(), mbe=M.item())
+        if step % cfg["log_interval"] == 0:
+            log.print(f"task {task} step {step:>5} | {'memorise' if used == MEMORIZE else 'compress'} | "
+                      f"l1 {l1.item():.4f} | mbe {M.item():.4f}")
+    log.print(f"task {task}: compression {100 * n_compress / cfg['max_iters']:.0f}% of {cfg['max_iters']} steps")
+    return step
+
+
+@torch.no_grad()
+def forgetting_eval(model, d, patch_size):
+    """Held-out L1 on A and B, the separation of the two tasks' hidden layers, and their MBE."""
+    (pa, ha), (pb, hb) = model(d["xa_test"]), model(d["xb_test"])
+    return {"loss_A": F.l1_loss(pa, d["ya_test"]).item(), "loss_B": F.l1_loss(pb, d["yb_test"]).item(),
+            "separation": separation(ha, hb), "mbe_A": patch_mbe(ha[None], patch_size).item(),
+            "mbe_B": patch_mbe(hb[None], patch_size).item()}
+
+
+def train_forgetting(cfg):
+    import data
+    n_in, n_hidden = 10, 50                                            # the paper's teacher, and so the student
+    d = data.forgetting_data(cfg["seed"], n_in, n_hidden, cfg["forget_m"])
+    if len(d["xa"]) % cfg["patch_size"] or len(d["xa_test"]) % cfg["patch_size"]:
+        raise ConfigError(f"--patch_size={cfg['patch_size']} must divide the toy's {len(d['xa'])} samples per task")
+    torch.set_num_threads(1)   # matmuls this small only wait on each other in threads (20x slower on 2 busy cores)
+    torch.manual_seed(cfg["seed"])
+    model = Student(n_in, n_hidden)
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    log = Logger(cfg["out_dir"], True)
+    with open(os.path.join(cfg["out_dir"], "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    log.print(f"config: {json.dumps({k: cfg[k] for k in DEFAULTS})}")
+    log.print(f"forgetting toy: {n_in} -> {n_hidden} -> 1 student, {len(d['xa'])} samples per task, "
+              f"{cfg['max_iters']} steps on A then on B, MBE over windows of {cfg['patch_size']} samples")
+    step = fit_task(model, d["xa"], d["ya"], cfg, log, "A", 0)
+    after_a = forgetting_eval(model, d, cfg["patch_size"])
+    fit_task(model, d["xb"], d["yb"], cfg, log, "B", step)
+    after_b = forgetting_eval(model, d, cfg["patch_size"])
+    metrics = {"loss_A_after_A": after_a["loss_A"], "loss_A_after_B": after_b.pop("loss_A"), **after_b}
+    log.record(kind="eval", step=2 * cfg["max_iters"], **metrics)
+    log.print("eval (held out; loss_A_after_B is the interference) | "
+              + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+
+# -----------------------------------------------------------------------------
+# Experiments: one config run under several phase modes and seeds (identical
+# data and steps per seed), a table of final metrics (mean +- std) and a figure.
+
+
+def compare(cfg):
+    arms = cfg["compare"].split(",")
+    if any(a not in CHOICES["phase_mode"] for a in arms):
+        raise ConfigError(f"--compare={cfg['compare']}: a comma list of {' | '.join(CHOICES['phase_mode'])}")
+    if "RANK" in os.environ:
+        raise ConfigError("--compare runs its arms one after another: launch it with python, not torchrun")
+    dirs = {arm: [] for arm in arms}
+    for s in range(cfg["seeds"]):
+        for arm in arms:   # seeds outer: a stopped comparison still has every arm for the seeds done
+            out = os.path.join(cfg["out_dir"], f"{arm}_seed{s}")
+            print(f"=== {arm}, seed {cfg['seed'] + s} -> {out}", flush=True)
+            run = train_forgetting if cfg["task"] == "forgetting" else train
+            run(dict(cfg, phase_mode=arm, seed=cfg["seed"] + s, out_dir=out, compare=""))
+            dirs[arm].append(out)
+    table = compare_table(dirs)
+    with open(os.path.join(cfg["out_dir"], "results.json"), "w") as f:
+        json.dump(table, f, indent=1)
+    path = cfg["fig"] or os.path.join("figures", ("cycle" if cfg["align_interval"] else cfg["task"]) + ".png")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    plot_compare(dirs, cfg, path)
+    print(f"figure: {path}\nresults: {os.path.join(cfg['out_dir'], 'results.json')}")
+
+
+def compare_table(dirs):
+    """Final eval metrics per arm: mean and std over seeds; printed as markdown."""
+    table = {}
+    for arm, outs in dirs.items():
+        finals = [read_log(os.path.join(o, "log.jsonl"), "eval")[-1] for o in outs]
+        keys = [k for k, v in finals[0].items() if isinstance(v, float)]
+        table[arm] = {k: (float(np.mean([f[k] for f in finals])), float(np.std([f[k] for f in finals])))
+                      for k in keys}
+    keys = list(next(iter(table.values())))
+    print(f"\n| arm (n={len(next(iter(dirs.values())))}) | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 1) + "|")
+    for arm, row in table.items():
+        print(f"| {arm} | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in row.values()) + " |")
+    return table
+
+
+def mean_curve(outs, kind, key):
+    """steps, mean and std over seeds of one logged metric."""
+    recs = [[r for r in read_log(os.path.join(o, "log.jsonl"), kind) if key in r] for o in outs]
+    n = min(map(len, recs))
+    vals = np.array([[r[key] for r in rs[:n]] for rs in recs])
+    return [r["step"] for r in recs[0][:n]], vals.mean(0), vals.std(0)
+
+
+def plot_compare(dirs, cfg, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if cfg["align_interval"]:
+        panels = [("align", "cos", "cos(grad CE, grad MBE)")]
+    elif cfg["task"] == "arithmetic":
+        panels = [("eval", "ood_ce", "OOD answer CE (nats)"), ("eval", "ood_conf", "OOD confidence (top-token prob.)"),
+                  ("eval", "id_acc", "ID exact match"), ("eval", "ood_acc", "OOD exact match")]
+    elif cfg["task"] == "text":
+        panels = [("eval", "val_ce", "val CE (nats/token)"), ("eval", "val_mbe_layers", "val MBE per layer (nats)")]
+    else:
+        panels = [("eval", k, k) for k in ("separation", "loss_A_after_B", "loss_B")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (kind, key, label) in zip(axes[0], panels):
+        for i, (arm, outs) in enumerate(dirs.items()):
+            if key.endswith("_layers"):   # bars: the final per-layer values, one group per arm
+                v = np.array([read_log(os.path.join(o, "log.jsonl"), "eval")[-1][key] for o in outs])
+                x = np.arange(v.shape[1]) + (i - (len(dirs) - 1) / 2) * 0.8 / len(dirs)
+                ax.bar(x, v.mean(0), 0.8 / len(dirs), yerr=v.std(0), label=arm)
+                ax.set_xlabel("layer")
+            elif cfg["task"] == "forgetting":
+                v = [read_log(os.path.join(o, "log.jsonl"), "eval")[-1][key] for o in outs]
+                ax.bar(i, np.mean(v), yerr=np.std(v), label=arm)
+                ax.set_xticks([])
+            else:
+                steps, m, s = mean_curve(outs, kind, key)
+                ax.plot(steps, m, label=arm)
+                ax.fill_between(steps, m - s, m + s, alpha=0.2)
+                ax.set_xlabel("optimizer step")
+        if "gapt" in dirs and not key.endswith("_layers") and cfg["task"] != "forgetting":
+            train_recs = read_log(os.path.join(dirs["gapt"][0], "log.jsonl"), "train")
+            for a, b in phase_spans([r["step"] for r in train_recs], [r["phase"] for r in train_recs]):
+                ax.axvspan(a, b, color="grey", alpha=0.15, lw=0)
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    n = len(next(iter(dirs.values())))
+    fig.suptitle(f"{cfg['task']}: {' vs '.join(dirs)}, mean ± std over {n} seeds"
+                 + ("" if cfg["task"] == "forgetting" or "gapt" not in dirs else " (grey: GAPT seed-0 compression)"))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
@@ -843,7 +1039,7 @@ def main(argv=None):
         return 0
     try:
         cfg = parse_args(argv)
-        train(cfg)
+        compare(cfg) if cfg["compare"] else (train_forgetting if cfg["task"] == "forgetting" else train)(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

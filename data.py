@@ -1,0 +1,513 @@
+"""
+Data for gapt.py: the built-in synthetic tasks (no download) and GPT-2 token shards.
+
+    python data.py fineweb --shards 10           # FineWeb sample-10BT -> data/fineweb10B/*.bin
+    python data.py fineweb --cached 10           # modded-nanogpt's pre-tokenised shards instead
+    python data.py text notes.txt more.jsonl     # your own text -> the same shard format
+
+Sections, top to bottom: arithmetic multiplication (the default task of gapt.py),
+the catastrophic-forgetting toy, token shards (format, FineWeb, your own text),
+and the command line. Importing this module has no side effects.
+"""
+import argparse
+import importlib
+import itertools
+import json
+import multiprocessing as mp
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+import torch
+
+# -----------------------------------------------------------------------------
+# Arithmetic multiplication: "<bos>a x b = c<eos>", one character per token.
+# The paper trains on 1-3 digit operands and tests out-of-distribution (OOD) on
+# 4-6 digits; the digit ranges are arguments so every split is reachable.
+# The answer may be written least-significant digit first ("reversed"): then
+# each answer digit depends only on digits already produced plus the operands,
+# the order in which carries are computed, which makes the task learnable by a
+# tiny model in minutes (a well-known trick, e.g. Lee et al. 2023 "Teaching
+# arithmetic to small transformers"). The operands are always written normally.
+
+ARITH_CHARS = "0123456789x= "
+PAD, BOS, EOS = 0, 1, 2                               # special token ids
+ARITH_STOI = {c: i + 3 for i, c in enumerate(ARITH_CHARS)}
+ARITH_ITOS = {i: c for c, i in ARITH_STOI.items()} | {PAD: "", BOS: "", EOS: ""}
+ARITH_VOCAB = 3 + len(ARITH_CHARS)                    # 16
+
+
+def arith_len(max_digits):
+    """Tokens in the longest problem: bos, a, ' x ', b, ' = ', a*b (<= 2d digits), eos."""
+    return 1 + max_digits + 3 + max_digits + 3 + 2 * max_digits + 1
+
+
+def arith_sample(rng, n, lo, hi):
+    """n operand pairs, each operand with a digit count uniform in [lo, hi] and
+    then uniform among the numbers with that many digits (1 digit includes 0)."""
+    d = rng.integers(lo, hi + 1, size=(2, n))
+    low = np.where(d == 1, 0, 10 ** (d - 1))
+    return rng.integers(low, 10 ** d, dtype=np.int64)   # (2, n)
+
+
+def arith_encode(a, b, block_size, reverse):
+    """Token ids of a batch of problems.
+    Returns x, y: (n, block_size) int64; y[i, t] is the target for x[i, t], or -1
+    on every position that is not an answer digit or the closing <eos> (the loss
+    and all metrics are on the answer only, minGPT-adder style)."""
+    n = a.shape[0]
+    seq = np.full((n, block_size + 1), PAD, dtype=np.int64)
+    tgt = np.full((n, block_size + 1), -1, dtype=np.int64)
+    for i in range(n):
+        c = str(int(a[i]) * int(b[i]))
+        prompt = f"{a[i]} x {b[i]} = "
+        answer = c[::-1] if reverse else c
+        ids = [BOS] + [ARITH_STOI[ch] for ch in prompt + answer] + [EOS]
+        if len(ids) > block_size + 1:
+            raise ValueError(f"problem '{prompt}{c}' needs block_size >= {len(ids) - 1}, got {block_size}")
+        seq[i, :len(ids)] = ids
+        start = 1 + len(prompt)                        # first answer token in seq
+        tgt[i, start:len(ids)] = ids[start:]
+    return torch.from_numpy(seq[:, :-1].copy()), torch.from_numpy(tgt[:, 1:].copy())
+
+
+EVAL_SEED = 20250513   # fixed: every run, whatever its --seed, is tested on the same problems
+
+
+def arith_key(a, b):
+    """A unique int per ordered pair (operands < 10**9), to hold out problems."""
+    return a * 10**9 + b
+
+
+class Arithmetic:
+    """Training batches from a seeded generator plus fixed held-out ID and OOD sets.
+    The held-out ID problems are excluded from training, so ID accuracy measures
+    generalization to unseen problems of the trained sizes, OOD to larger sizes.
+    The generator state is part of a checkpoint, so a resumed run sees the same data."""
+
+    def __init__(self, seed, block_size, train_digits=(1, 2), ood_digits=(3, 3),
+                 n_eval=512, reverse=True, rank=0):
+        self.block_size, self.reverse, self.train_digits = block_size, reverse, train_digits
+        need = arith_len(max(train_digits[1], ood_digits[1])) - 1
+        if block_size < need:
+            raise ValueError(f"arithmetic with {max(train_digits[1], ood_digits[1])}-digit operands "
+                             f"needs --block_size >= {need}, got {block_size}")
+        ev = np.random.default_rng(EVAL_SEED)          # the same test problems for every run seed
+        self.id_ab = arith_sample(ev, n_eval, *train_digits)
+        self.ood_ab = arith_sample(ev, n_eval, *ood_digits)
+        self.held_out = np.unique(arith_key(*self.id_ab))
+        self.rng = np.random.default_rng([seed, rank])   # each DDP rank draws its own problems
+
+    def batch(self, n):
+        """(x, y) of n fresh training problems, none of them in the ID test set."""
+        ab = arith_sample(self.rng, n, *self.train_digits)
+        bad = np.isin(arith_key(*ab), self.held_out)
+        while bad.any():                               # resample held-out pairs
+            ab[:, bad] = arith_sample(self.rng, int(bad.sum()), *self.train_digits)
+            bad = np.isin(arith_key(*ab), self.held_out)
+        return arith_encode(ab[0], ab[1], self.block_size, self.reverse)
+
+    def eval_sets(self):
+        """{"id": (x, y), "ood": (x, y)}: the fixed test problems."""
+        return {"id": arith_encode(*self.id_ab, self.block_size, self.reverse),
+                "ood": arith_encode(*self.ood_ab, self.block_size, self.reverse)}
+
+    def state_dict(self):
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, sd):
+        self.rng.bit_generator.state = sd["rng"]
+
+
+def arith_decode(ids):
+    return "".join(ARITH_ITOS[int(i)] if int(i) > 2 else {BOS: "<bos>", EOS: "<eos>", PAD: ""}[int(i)]
+                   for i in ids)
+
+# -----------------------------------------------------------------------------
+# Catastrophic-forgetting toy, the paper's interference experiment ("GAPT
+# reduces interference by compressing and separating representations"), as the
+# author's toy is described to us; the author's script itself was not at hand.
+# One teacher MLP is moved both ways along a random low-rank direction Delta of
+# parameter space: task A is the teacher at theta0 + m Delta on inputs from P1,
+# task B the teacher at theta0 - m Delta on inputs from P2.
+# The tasks share theta0 but conflict along Delta, so a student that learns A
+# and then B overwrites A unless it keeps the two input regions apart inside.
+
+
+def forgetting_data(seed, n_in=10, n_hidden=50, m=0.8, rank=1, n_train=512, n_test=512):
+    """The two regression tasks of gapt.py --task=forgetting, from one seed.
+    Teacher f: n_in -> n_hidden -> 1 with ReLU; theta0 has weights and biases
+    ~ N(0, 1/fan_in). Delta: for each weight matrix W a random rank-`rank`
+    matrix U V^T (Gaussian factors) rescaled to ||W||_F; the biases are not
+    moved (Delta is 0 there). P1: the first n_in // 2 features ~ N(1, 0.25^2),
+    the others ~ N(0, 0.25^2); P2 is P1 mirrored (the halves swap).
+    Returns float32 tensors xa, ya, xb, yb (n_train rows) and the held-out
+    xa_test, ya_test, xb_test, yb_test (n_test rows): x (n, n_in), y (n, 1),
+    ya = f(theta0 + m Delta)(xa), yb = f(theta0 - m Delta)(xb)."""
+    rng = np.random.default_rng(seed)
+    shapes = [(n_hidden, n_in), (1, n_hidden)]                      # (out, in) per layer
+    W = [rng.normal(0, 1 / np.sqrt(s[1]), s) for s in shapes]
+    b = [rng.normal(0, 1 / np.sqrt(s[1]), s[0]) for s in shapes]
+    D = [rng.normal(size=(s[0], rank)) @ rng.normal(size=(rank, s[1])) for s in shapes]
+    D = [d * np.linalg.norm(w) / np.linalg.norm(d) for w, d in zip(W, D)]
+    mean_p1 = (np.arange(n_in) < n_in // 2).astype(np.float64)      # (n_in,): 1 on the first half
+    means = {"a": mean_p1, "b": mean_p1[::-1]}
+    signs = {"a": 1.0, "b": -1.0}
+
+    def teacher(x, sign):
+        W1, W2 = (w + sign * m * d for w, d in zip(W, D))
+        return np.maximum(x @ W1.T + b[0], 0) @ W2.T + b[1]             # (n, 1)
+
+    out = {}
+    for suffix, n in (("", n_train), ("_test", n_test)):
+        for t in "ab":
+            x = means[t] + 0.25 * rng.normal(size=(n, n_in))
+            out[f"x{t}{suffix}"] = torch.tensor(x, dtype=torch.float32)
+            out[f"y{t}{suffix}"] = torch.tensor(teacher(x, signs[t]), dtype=torch.float32)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Token shards: GPT-2 tokens in the .bin format of llm.c and modded-nanogpt, a
+# header of 256 int32 (magic, version, token count, zeros) then uint16 tokens
+# (GPT-2's 50257 ids fit in 16 bits). A data directory holds *_val_*.bin (shard
+# 0) and *_train_*.bin shards, from FineWeb (streamed and tokenised here, as in
+# build-nanogpt's fineweb.py), modded-nanogpt's pre-tokenised FineWeb, or your
+# own text: see the command line at the end of this file.
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+EOT = 50256                                   # GPT-2's <|endoftext|>, put before every document
+
+
+def write_shard(path, tokens):
+    """Write tokens as one shard, atomically: an interrupted write leaves no partial shard."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise ValueError(f"{path}: token ids must be in [0, 2**16)")
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:3] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
+    tmp = f"{path}.tmp"                       # same directory, so os.replace is an atomic rename
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes() + tokens.astype(np.uint16).tobytes())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_shard(path):
+    """A shard's tokens as a read-only uint16 memmap: nothing is read until sliced. Open one
+    per use and let it go; a memmap kept open makes the process's memory grow as pages are read."""
+    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    if len(header) < HEADER_INTS or header[0] != SHARD_MAGIC:
+        raise ValueError(f"{path}: not a token shard (bad magic number)")
+    if header[1] != SHARD_VERSION:
+        raise ValueError(f"{path}: shard version {header[1]}, expected {SHARD_VERSION}")
+    n, size = int(header[2]), os.path.getsize(path)
+    if size != 4 * HEADER_INTS + 2 * n:
+        raise ValueError(f"{path}: the header says {n} tokens but the file has {size} bytes; truncated?")
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * HEADER_INTS, shape=(n,))
+
+
+def find_shards(data_dir, split):
+    """Sorted paths of the "train" or "val" shards in data_dir."""
+    paths = sorted(str(p) for p in Path(data_dir).glob(f"*_{split}_*.bin"))
+    if not paths:
+        raise FileNotFoundError(f"no {split} shards in {data_dir}: run 'python data.py fineweb --shards 10 "
+                                f"--out {data_dir}' (or 'python data.py text FILE... --out {data_dir}')")
+    return paths
+
+
+class TokenShards:
+    """Random training windows and a fixed validation set from a directory of shards. Each
+    batch memory-maps only the shards it reads, so no shard is ever loaded whole. The generator
+    state is part of a checkpoint, so a resumed run sees the same data."""
+
+    def __init__(self, data_dir, block_size, seed, rank=0, world_size=1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.block_size = block_size
+        self.train, self.val = find_shards(data_dir, "train"), find_shards(data_dir, "val")
+        self.lengths = np.array([len(read_shard(p)) for p in self.train])
+        for path, n in zip(self.train, self.lengths):
+            if n < block_size + 1:
+                raise ValueError(f"{path} has {n} tokens, fewer than block_size + 1 = {block_size + 1}")
+        self.rng = np.random.default_rng([seed, rank])   # each DDP rank draws its own windows
+
+    def batch(self, n):
+        """x, y: (n, block_size) int64, y[:, t] the token after x[:, t]. Each window picks a
+        shard with probability proportional to its length, then a uniform start in it."""
+        T = self.block_size
+        shard = self.rng.choice(len(self.train), size=n, p=self.lengths / self.lengths.sum())
+        start = self.rng.integers(0, self.lengths[shard] - T)   # T + 1 tokens from start fit
+        buf = np.empty((n, T + 1), dtype=np.int64)
+        for s in np.unique(shard):
+            rows = shard == s
+            tokens = read_shard(self.train[s])                   # opened for this batch only
+            buf[rows] = tokens[start[rows, None] + np.arange(T + 1)]
+        return torch.from_numpy(buf[:, :-1].copy()), torch.from_numpy(buf[:, 1:].copy())
+
+    def val_batches(self, n_tokens, batch_size):
+        """The first n_tokens of the val shard(s) as consecutive windows, in (x, y) batches:
+        a fixed budget, the same every call, so val losses compare across steps and runs."""
+        T = self.block_size
+        n = n_tokens // T * T + 1                                # whole windows, +1 for the last target
+        tokens = np.concatenate([read_shard(p)[:n] for p in self.val])[:n]
+        if n_tokens < T or len(tokens) < n:
+            raise ValueError(f"cannot cut {n_tokens} val tokens into windows of {T}: "
+                             f"the val shards have {len(tokens)} of the {n} needed")
+        tokens = torch.from_numpy(tokens.astype(np.int64))
+        x, y = tokens[:-1].view(-1, T), tokens[1:].view(-1, T)
+        return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+
+    def state_dict(self):
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, sd):
+        self.rng.bit_generator.state = sd["rng"]
+
+
+# -----------------------------------------------------------------------------
+# Making shards: python data.py fineweb|text ... (see --help). Documents are
+# tokenised by a pool of processes and packed into fixed-size shards. Bad input
+# is one line "error: ..." and exit code 2; no network, or a missing optional
+# package (datasets, huggingface_hub: only downloads need them), one line and 1.
+
+class DataError(Exception):
+    """Bad input: a missing or unreadable file, an empty corpus."""
+
+
+class Unavailable(Exception):
+    """No network, or a missing optional package."""
+
+
+def get_tokenizer(tokenizer_file=None):
+    """GPT-2's BPE: tiktoken's own (downloaded once, then cached), or built offline from a
+    .tiktoken ranks file (such as the gpt2.tiktoken that ships with openai-whisper)."""
+    if tokenizer_file is None:
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception:                     # requests' errors when offline, or whatever else fails
+            raise Unavailable("cannot download tiktoken's GPT-2 encoding (the machine seems offline); "
+                              "pass --tokenizer_file path/to/gpt2.tiktoken") from None
+    from tiktoken.load import load_tiktoken_bpe
+    from tiktoken_ext.openai_public import r50k_pat_str   # the split pattern of tiktoken's gpt2
+    try:
+        enc = tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, special_tokens={"<|endoftext|>": EOT},
+                                mergeable_ranks=load_tiktoken_bpe(str(tokenizer_file)))
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read tokenizer file {tokenizer_file}: {e}") from None
+    if enc.max_token_value != EOT:
+        raise DataError(f"{tokenizer_file} is not GPT-2's 50257-token vocabulary")
+    return enc
+
+
+_enc = None                                   # each pool worker's tokenizer
+
+
+def _init_worker(tokenizer_file):
+    global _enc
+    _enc = get_tokenizer(tokenizer_file)      # from the path: cheaper than pickling an encoder
+
+
+def _tokenize(text):
+    return np.array([EOT] + _enc.encode_ordinary(text), dtype=np.uint16)   # ids <= 50256
+
+
+def tokenize_documents(docs, tokenizer_file=None):
+    """Yield each document's tokens, <|endoftext|> first, in order, from a pool of processes.
+    Load the tokenizer once before (a worker that fails to start is restarted forever), and call
+    this under `if __name__ == "__main__":`, which a pool needs where processes are spawned."""
+    with mp.Pool(max(1, os.cpu_count() // 2), _init_worker, (tokenizer_file,)) as pool:
+        yield from pool.imap(_tokenize, docs, chunksize=16)
+
+
+def progress(token_docs, total, every=10.0):
+    """Pass documents' tokens through, printing tokens/s and the ETA every few seconds."""
+    n, t0, last = 0, time.time(), time.time()
+    for tokens in token_docs:
+        yield tokens
+        n += len(tokens)
+        if time.time() - last > every:
+            last, rate = time.time(), n / (time.time() - t0)
+            print(f"{n / 1e6:.1f}M tokens, {rate / 1e3:.0f}k tokens/s, ETA {(total - n) / rate / 60:.1f} min")
+
+
+def pack(token_docs, sizes):
+    """Concatenate documents' tokens and cut them into shards of the given sizes, the last one
+    shorter. Documents run across shard boundaries, as in build-nanogpt."""
+    sizes = iter(sizes)
+    shard, fill = np.empty(next(sizes), dtype=np.uint16), 0
+    for tokens in token_docs:
+        while len(tokens):
+            take = min(len(shard) - fill, len(tokens))
+            shard[fill:fill + take], fill, tokens = tokens[:take], fill + take, tokens[take:]
+            if fill == len(shard):
+                yield shard
+                if (size := next(sizes, None)) is None:
+                    return
+                shard, fill = np.empty(size, dtype=np.uint16), 0
+    if fill:
+        yield shard[:fill]
+
+
+def write_shards(token_docs, out_dir, prefix, shard_size, val_size, max_train=None):
+    """Write out_dir/{prefix}_{val|train}_{idx:06d}.bin: the val shard 0 holds the first val_size
+    tokens, then come train shards of shard_size, at most max_train of them."""
+    os.makedirs(out_dir, exist_ok=True)
+    train = itertools.repeat(shard_size) if max_train is None else itertools.repeat(shard_size, max_train)
+    lengths = []
+    for i, shard in enumerate(pack(token_docs, itertools.chain([val_size], train))):
+        write_shard(os.path.join(out_dir, f"{prefix}_{'train' if i else 'val'}_{i:06d}.bin"), shard)
+        lengths.append(len(shard))
+    if not lengths:
+        raise DataError("no text to write")
+    print(f"{out_dir}: val {lengths[0]:,} tokens, train {sum(lengths[1:]):,} in {len(lengths) - 1} shards")
+
+
+def require(package):
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise Unavailable(f"this needs the {package} package: pip install {package}") from None
+
+
+def offline(what, e):
+    return Unavailable(f"cannot download {what} ({type(e).__name__}); the machine seems offline")
+
+
+def texts(rows, error):
+    """Each row's "text". A failure while reading (the network, a bad file) becomes error(e),
+    which, raised in the pool's feeder thread, reaches the reader of the tokens."""
+    try:
+        for row in rows:
+            if not isinstance(row["text"], str):
+                raise TypeError(f'"text" is not a string but {type(row["text"]).__name__}')
+            yield row["text"]
+    except Exception as e:
+        raise error(e) from None
+
+
+def read_rows(path):
+    """Rows {"text": ...} of a file: one per line of a .jsonl, one per row of a .parquet (both
+    as in FineWeb), and for any other file (UTF-8 text) one per block between blank lines.
+    A local copy of FineWeb thus goes through the same pipeline as the download."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        for batch in pq.ParquetFile(path).iter_batches(columns=["text"]):
+            yield from batch.to_pylist()
+    elif path.endswith((".jsonl", ".json")):
+        with open(path, encoding="utf-8") as f:
+            yield from (json.loads(line) for line in f if line.strip())
+    else:
+        yield from ({"text": b} for b in re.split(r"\n\s*\n", Path(path).read_text(encoding="utf-8")))
+
+
+def file_docs(path):
+    if not os.path.isfile(path):
+        raise DataError(f"no such file: {path}")
+    return texts(read_rows(path), lambda e: DataError(f"{path}: {type(e).__name__}: {e}"))
+
+
+def download_cached(n, out_dir):
+    """modded-nanogpt's pre-tokenised FineWeb (kjj0/fineweb10B-gpt2, shards of 10**8 tokens in
+    the same format): the val shard and n train shards. Shards already there are kept."""
+    hub = require("huggingface_hub")
+    for name in ["fineweb_val_000000.bin"] + [f"fineweb_train_{i:06d}.bin" for i in range(1, n + 1)]:
+        if not os.path.exists(os.path.join(out_dir, name)):
+            try:
+                hub.hf_hub_download(repo_id="kjj0/fineweb10B-gpt2", filename=name, repo_type="dataset",
+                                    local_dir=out_dir)
+            except Exception as e:
+                raise offline(name, e) from None
+        print(f"{out_dir}/{name}: {len(read_shard(os.path.join(out_dir, name))):,} tokens")
+
+
+def prepare_fineweb(args):
+    out_dir = args.out or ("data/edu_fineweb10B" if args.edu else "data/fineweb10B")
+    if args.cached:
+        return download_cached(args.cached, out_dir)
+    if args.local:
+        docs = file_docs(args.local)
+    else:                                     # streamed: a small --shards downloads only what it needs
+        datasets = require("datasets")
+        name = "HuggingFaceFW/fineweb-edu" if args.edu else "HuggingFaceFW/fineweb"
+        try:
+            rows = datasets.load_dataset(name, name="sample-10BT", split="train", streaming=True)
+        except Exception as e:
+            raise offline(name, e) from None
+        docs = texts(rows, lambda e: offline(name, e))
+    get_tokenizer(args.tokenizer_file)
+    token_docs = tokenize_documents(docs, args.tokenizer_file)
+    try:
+        write_shards(progress(token_docs, (args.shards + 1) * args.shard_size), out_dir, "fineweb",
+                     args.shard_size, args.shard_size, args.shards)
+    finally:
+        token_docs.close()                    # stops the pool, and the download, once enough is written
+
+
+def prepare_text(args):
+    docs = [d.strip() for path in args.files for d in file_docs(path) if d.strip()]
+    if not docs:
+        raise DataError(f"no text in {' '.join(args.files)}")
+    get_tokenizer(args.tokenizer_file)
+    token_docs = list(tokenize_documents(docs, args.tokenizer_file))
+    n = sum(map(len, token_docs))
+    # val is the first val_fraction of the tokens, at most a shard and at least a token, and train
+    # keeps at least a token: a small corpus still makes both (every document has >= 2 tokens)
+    val_size = int(np.clip(round(args.val_fraction * n), 1, min(args.shard_size, n - 1)))
+    write_shards(token_docs, args.out, "text", args.shard_size, val_size)
+
+
+def positive(s):
+    if int(s) < 1:
+        raise argparse.ArgumentTypeError(f"{s} is not positive")
+    return int(s)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Make GPT-2 token shards (llm.c's .bin format) for gapt.py.")
+    sub = p.add_subparsers(dest="source", required=True)
+    fw = sub.add_parser("fineweb", help="FineWeb sample-10BT, streamed from Hugging Face and tokenised")
+    count = fw.add_mutually_exclusive_group(required=True)
+    count.add_argument("--shards", type=positive, help="train shards to make, after the val shard")
+    count.add_argument("--cached", type=positive, help="instead download this many pre-tokenised train "
+                       "shards (and the val shard) of modded-nanogpt's kjj0/fineweb10B-gpt2")
+    fw.add_argument("--edu", action="store_true", help="FineWeb-Edu instead of FineWeb")
+    fw.add_argument("--local", metavar="FILE", help="a .parquet or .jsonl with FineWeb's 'text' column "
+                    "to read instead of downloading (to test offline)")
+    fw.add_argument("--out", help="output directory (default data/fineweb10B, or data/edu_fineweb10B)")
+    fw.set_defaults(run=prepare_fineweb)
+    tx = sub.add_parser("text", help="your own .txt / .jsonl files", description="Shards from your own "
+                        "files: one document per record ('text' field) of a .jsonl or .parquet, and in any "
+                        "other file, read as UTF-8 text, one per block of lines between blank lines. The "
+                        "val shard is the first --val_fraction of all the tokens, the train shards the rest.")
+    tx.add_argument("files", nargs="+", metavar="FILE")
+    tx.add_argument("--out", default="data/text", help="output directory (default data/text)")
+    tx.add_argument("--val_fraction", type=float, default=0.1, help="share of the tokens for val (default "
+                    "0.1, at most a shard; at least one token each for val and train)")
+    tx.set_defaults(run=prepare_text)
+    for s in (fw, tx):
+        s.add_argument("--shard_size", type=positive, default=10**8, help="tokens per shard (default 10**8)")
+        s.add_argument("--tokenizer_file", default=os.environ.get("GAPT_TOKENIZER_FILE"), help="a GPT-2 "
+                       ".tiktoken ranks file, to work offline (default: $GAPT_TOKENIZER_FILE)")
+    args = p.parse_args(argv)
+    if not 0 < getattr(args, "val_fraction", 0.5) < 1:
+        p.error("--val_fraction must be between 0 and 1")
+    if getattr(args, "cached", None) and (args.edu or args.local):
+        p.error("--cached downloads FineWeb itself: no --edu or --local")
+    try:
+        args.run(args)
+    except (DataError, Unavailable) as e:
+        print("error: " + str(e).replace("\n", " "), file=sys.stderr)
+        return 2 if isinstance(e, DataError) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
