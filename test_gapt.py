@@ -8,6 +8,8 @@ import math
 import os
 import subprocess
 import sys
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -451,3 +453,359 @@ def test_ddp_two_cpu_processes_agree_on_phases(tmp_path):
     assert len(phases) == 30 and 1 in phases and 2 in phases
     ck = torch.load(out / "ckpt.pt", weights_only=False)
     assert len(ck["ranks"]) == 2 and ck["ranks"][0]["data"] != ck["ranks"][1]["data"]
+
+# -----------------------------------------------------------------------------
+# data.py: token shards, FineWeb and own-text preparation (offline)
+
+TOKENIZER = Path(os.environ.get("GAPT_TOKENIZER_FILE")
+                 or Path(__file__).resolve().parent.parent / "shared" / "data" / "gpt2.tiktoken")
+EOT_TEXT = "<|endoftext|>"
+
+
+def tokenizer_file():
+    if not TOKENIZER.is_file():
+        pytest.skip(f"no GPT-2 tokenizer file at {TOKENIZER}")
+    return str(TOKENIZER)
+
+
+def run_data(*args, env=None):
+    """`python data.py ARGS` in a fresh process: (exit code, stdout, stderr)."""
+    r = subprocess.run([sys.executable, data.__file__, *map(str, args)], capture_output=True, text=True,
+                       timeout=120, env=env)
+    return r.returncode, r.stdout, r.stderr
+
+
+def corpus(n_docs, seed=0):
+    """Documents of made-up sentences, with a non-ASCII word so bytes and tokens differ."""
+    rng = np.random.default_rng(seed)
+    words = "the a model learns forgets compresses tokens data entropy naïve 42 phase cycle".split()
+    return [" ".join(rng.choice(words, size=rng.integers(5, 30))).capitalize() + "." for _ in range(n_docs)]
+
+
+def all_tokens(out_dir):
+    """Every token of a data directory, val shard first, as one array."""
+    return np.concatenate([data.read_shard(p) for p in data.find_shards(out_dir, "val")
+                           + data.find_shards(out_dir, "train")])
+
+
+def test_shard_round_trip(tmp_path):
+    path = tmp_path / "x_train_000001.bin"
+    tokens = np.array([0, 1, 50256, 2**16 - 1, 7])
+    data.write_shard(path, tokens)
+    assert np.array_equal(data.read_shard(path), tokens) and data.read_shard(path).dtype == np.uint16
+    header = np.fromfile(path, dtype=np.int32, count=3)
+    assert header.tolist() == [20240520, 1, 5] and path.stat().st_size == 256 * 4 + 5 * 2
+    assert os.listdir(tmp_path) == [path.name]                     # no temp file left behind
+    with pytest.raises(ValueError):
+        data.write_shard(tmp_path / "y.bin", [2**16])              # would wrap around in uint16
+    assert not (tmp_path / "y.bin").exists()
+
+
+@pytest.mark.parametrize("damage, message", [("magic", "magic"), ("version", "version"), ("truncate", "truncated")])
+def test_corrupt_shard_is_named(tmp_path, damage, message):
+    path = tmp_path / f"bad_{damage}_train_000001.bin"
+    data.write_shard(path, np.arange(100))
+    raw = bytearray(path.read_bytes())
+    if damage == "truncate":
+        raw = raw[:-2]
+    else:
+        raw[0 if damage == "magic" else 4] += 1
+    path.write_bytes(raw)
+    with pytest.raises(ValueError, match=message) as e:
+        data.read_shard(path)
+    assert str(path) in str(e.value)
+
+
+def test_tokenizer_from_file():
+    enc = data.get_tokenizer(tokenizer_file())
+    assert enc.encode_ordinary("hello world") == [31373, 995]
+    assert enc.encode(EOT_TEXT, allowed_special="all") == [50256] and enc.n_vocab == 50257
+
+
+def test_bad_tokenizer_file(tmp_path):
+    (tmp_path / "bad.tiktoken").write_text("not base64 ranks\n")
+    for path in (tmp_path / "bad.tiktoken", tmp_path / "missing.tiktoken"):
+        with pytest.raises(data.DataError, match="tokenizer file"):
+            data.get_tokenizer(path)
+
+
+def test_tokenize_prepends_eot():
+    docs = ["hello world", "naïve café ☕ 🎉", "line\n\nbreaks  and   spaces"]
+    enc = data.get_tokenizer(tokenizer_file())
+    for doc, tokens in zip(docs, data.tokenize_documents(docs, tokenizer_file()), strict=True):
+        ids = enc.encode_ordinary(doc)
+        assert max(ids) < 2**16 and tokens.dtype == np.uint16
+        assert tokens.tolist() == [50256] + ids                    # nothing wrapped around
+        assert enc.decode(tokens.tolist()) == EOT_TEXT + doc
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory):
+    """`python data.py text` on a small corpus, in its own process: (data dir, documents)."""
+    tmp = tmp_path_factory.mktemp("text")
+    docs = corpus(60)
+    (tmp / "a.txt").write_text("\n\n".join(docs[:40]) + "\n")
+    (tmp / "b.jsonl").write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs[40:])))
+    code, out, err = run_data("text", tmp / "a.txt", tmp / "b.jsonl", "--out", tmp / "shards", "--shard_size", 300,
+                              "--tokenizer_file", tokenizer_file())
+    assert code == 0, err
+    return tmp / "shards", docs
+
+
+def test_text_cli(text_dir):
+    out_dir, docs = text_dir
+    val, train = data.find_shards(out_dir, "val"), data.find_shards(out_dir, "train")
+    assert [Path(p).name for p in val] == ["text_val_000000.bin"] and len(train) >= 3
+    assert Path(train[0]).name == "text_train_000001.bin"
+    enc = data.get_tokenizer(tokenizer_file())
+    n_val, n_all = len(data.read_shard(val[0])), len(all_tokens(out_dir))
+    assert abs(n_val - 0.1 * n_all) <= 1                           # the default --val_fraction
+    assert data.read_shard(val[0])[:20].tolist() == ([50256] + enc.encode_ordinary(docs[0]))[:20]
+    # every document once, in order, each after an <|endoftext|>, across the shard boundaries
+    assert enc.decode(all_tokens(out_dir).tolist()) == "".join(EOT_TEXT + d for d in docs)
+
+
+@pytest.mark.parametrize("val_fraction, split", [("0.1", (1, 2)), ("0.9", (2, 1))])
+def test_small_corpus_makes_val_and_train(tmp_path, val_fraction, split):
+    (tmp_path / "tiny.txt").write_text("hello world\n")             # 3 tokens: <|endoftext|> hello world
+    assert data.main(["text", str(tmp_path / "tiny.txt"), "--out", str(tmp_path / "out"),
+                      "--val_fraction", val_fraction, "--tokenizer_file", tokenizer_file()]) == 0
+    shards = data.find_shards(tmp_path / "out", "val") + data.find_shards(tmp_path / "out", "train")
+    assert tuple(len(data.read_shard(p)) for p in shards) == split
+
+
+def test_token_shards_batches(text_dir):
+    out_dir, _ = text_dir
+    T = 16
+    ds = data.TokenShards(out_dir, T, seed=0)
+    x, y = ds.batch(32)
+    assert x.shape == y.shape == (32, T) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])                        # y is x shifted by one
+    windows = {tuple(s[i:i + T + 1]) for s in map(data.read_shard, data.find_shards(out_dir, "train"))
+               for i in range(len(s) - T)}
+    assert all(tuple(row) in windows for row in torch.cat([x, y[:, -1:]], 1).tolist())   # from train shards
+    assert torch.equal(data.TokenShards(out_dir, T, seed=0).batch(32)[0], x)             # seeded
+    assert not torch.equal(data.TokenShards(out_dir, T, seed=0, rank=1, world_size=2).batch(32)[0], x)
+    assert not torch.equal(ds.batch(32)[0], x)
+
+
+def test_token_shards_resume(text_dir, tmp_path):
+    out_dir, _ = text_dir
+    ds = data.TokenShards(out_dir, 16, seed=0)
+    ds.batch(8)
+    torch.save({"data": ds.state_dict()}, tmp_path / "ckpt.pt")    # as a checkpoint would carry it
+    expected = ds.batch(8)
+    resumed = data.TokenShards(out_dir, 16, seed=123)
+    resumed.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True)["data"])
+    assert all(torch.equal(a, b) for a, b in zip(resumed.batch(8), expected))
+
+
+def test_val_batches_fixed(text_dir):
+    out_dir, _ = text_dir
+    ds = data.TokenShards(out_dir, 16, seed=0)
+    batches = ds.val_batches(64 + 5, batch_size=3)                 # 4 whole windows: batches of 3 and 1
+    assert [tuple(x.shape) for x, _ in batches] == [(3, 16), (1, 16)]
+    val = torch.from_numpy(data.read_shard(data.find_shards(out_dir, "val")[0])[:65].astype(np.int64))
+    assert torch.equal(torch.cat([x for x, _ in batches]).flatten(), val[:64])
+    assert torch.equal(torch.cat([y for _, y in batches]).flatten(), val[1:65])
+    ds.batch(4)
+    other = data.TokenShards(out_dir, 16, seed=1, rank=1, world_size=2).val_batches(69, 3)
+    assert all(torch.equal(a, b) for p, q in zip(ds.val_batches(69, 3), other) for a, b in zip(p, q))
+    with pytest.raises(ValueError, match="val"):
+        ds.val_batches(10**6, 8)
+
+
+def test_token_shards_edges(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"python data.py fineweb --shards 10 --out {tmp_path}"):
+        data.TokenShards(tmp_path, 16, seed=0)
+    data.write_shard(tmp_path / "t_val_000000.bin", np.arange(100))
+    data.write_shard(tmp_path / "t_train_000001.bin", np.arange(16))
+    with pytest.raises(ValueError, match="t_train_000001.bin has 16 tokens"):
+        data.TokenShards(tmp_path, 16, seed=0)
+    data.write_shard(tmp_path / "t_train_000001.bin", np.arange(17))    # exactly one window fits
+    x, y = data.TokenShards(tmp_path, 16, seed=0).batch(8)
+    assert torch.equal(x, torch.arange(16).expand(8, 16)) and torch.equal(y, x + 1)
+
+
+FINEWEB_COLUMNS = {"id": "<urn:uuid:0>", "dump": "CC-MAIN-2013-20", "url": "https://example.com", "date": "2013-05-18",
+                   "file_path": "s3://commoncrawl/x.warc.gz", "language": "en", "language_score": 0.9, "token_count": 0}
+
+
+@pytest.mark.parametrize("kind", ["parquet", "jsonl"])
+def test_fineweb_local(tmp_path, kind):
+    docs, path = corpus(40, seed=1), tmp_path / f"fineweb.{kind}"
+    rows = [{"text": d, **FINEWEB_COLUMNS} for d in docs]
+    if kind == "parquet":
+        pq = pytest.importorskip("pyarrow.parquet")
+        pq.write_table(pytest.importorskip("pyarrow").Table.from_pylist(rows), path)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out_dir = tmp_path / "fw"
+    assert data.main(["fineweb", "--local", str(path), "--shards", "2", "--shard_size", "100",
+                      "--out", str(out_dir), "--tokenizer_file", tokenizer_file()]) == 0
+    assert sorted(os.listdir(out_dir)) == ["fineweb_train_000001.bin", "fineweb_train_000002.bin",
+                                           "fineweb_val_000000.bin"]   # --shards 2 stops at 2 full ones
+    tokens = all_tokens(out_dir)
+    enc = data.get_tokenizer(tokenizer_file())
+    assert len(tokens) == 300 and tokens[0] == 50256
+    assert np.array_equal(tokens, np.concatenate(list(data.tokenize_documents(docs, tokenizer_file())))[:300])
+    assert enc.decode(tokens[:50].tolist()).startswith(EOT_TEXT + docs[0][:10])
+
+
+def one_line_error(code, err, expected_code, *needles):
+    assert code == expected_code, err
+    assert err.endswith("\n") and err.count("\n") == 1 and err.startswith("error: "), err
+    assert "Traceback" not in err and all(n in err for n in needles), err
+
+
+def test_missing_package_is_one_line(tmp_path):
+    script = (f"import sys; sys.modules['datasets'] = None; import data; "
+              f"sys.exit(data.main(['fineweb', '--shards', '1', '--out', {str(tmp_path / 'fw')!r}]))")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       cwd=Path(data.__file__).parent)
+    one_line_error(r.returncode, r.stderr, 1, "pip install datasets")
+    assert not (tmp_path / "fw").exists()
+
+
+def test_missing_hub_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    assert data.main(["fineweb", "--cached", "1", "--out", str(tmp_path)]) == 1
+    one_line_error(1, capsys.readouterr().err, 1, "pip install huggingface_hub")
+
+
+def test_offline_is_one_line(tmp_path):
+    """A stand-in for `datasets` whose stream breaks as it does when the network goes away:
+    the error is raised in the pool's feeder thread and must still end as one line."""
+    (tmp_path / "datasets.py").write_text("def load_dataset(*args, **kwargs):\n    yield {'text': 'hi'}\n"
+                                          "    raise ConnectionError('Max retries exceeded')\n")
+    code, _, err = run_data("fineweb", "--shards", "1", "--out", tmp_path / "fw", "--tokenizer_file",
+                            tokenizer_file(), env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    one_line_error(code, err, 1, "offline", "ConnectionError")
+    assert not list((tmp_path / "fw").glob("*.bin"))
+
+
+def test_cached_offline_is_one_line(tmp_path, monkeypatch, capsys):
+    def hf_hub_download(**kwargs):
+        raise ConnectionError("Max retries exceeded")
+    hub = types.ModuleType("huggingface_hub")
+    hub.hf_hub_download = hf_hub_download
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    assert data.main(["fineweb", "--cached", "1", "--out", str(tmp_path)]) == 1
+    one_line_error(1, capsys.readouterr().err, 1, "offline", "fineweb_val_000000.bin")
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("\n\n  \n")
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": \n')
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    out = tmp_path / "out"
+    for name, needle in [("missing.txt", "no such file"), ("two\nlines.txt", "no such file"),
+                         ("empty.txt", "no text"), ("bad.jsonl", "bad.jsonl"), ("latin1.txt", "latin1.txt")]:
+        assert data.main(["text", str(tmp_path / name), "--out", str(out)]) == 2
+        one_line_error(2, capsys.readouterr().err, 2, needle)
+        assert not out.exists()                                    # nothing half-written
+
+
+def test_fineweb_local_bad_rows(tmp_path, capsys):
+    """A bad row fails in the pool's feeder thread; it must still end as one line."""
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": \n')
+    assert data.main(["fineweb", "--shards", "1", "--local", str(tmp_path / "bad.jsonl"), "--out",
+                      str(tmp_path / "out"), "--tokenizer_file", tokenizer_file()]) == 2
+    one_line_error(2, capsys.readouterr().err, 2, "bad.jsonl", "JSONDecodeError")
+    assert not list((tmp_path / "out").glob("*.bin"))
+
+# -----------------------------------------------------------------------------
+# the catastrophic-forgetting toy
+
+
+def test_forgetting_data_shapes_and_input_distributions():
+    d = data.forgetting_data(0, n_train=4000, n_test=64)
+    for t in "ab":
+        assert d[f"x{t}"].shape == (4000, 10) and d[f"y{t}"].shape == (4000, 1)
+        assert d[f"x{t}_test"].shape == (64, 10) and d[f"y{t}_test"].shape == (64, 1)
+    assert len(d) == 8 and all(v.dtype == torch.float32 for v in d.values())
+    ones, zeros = torch.ones(5), torch.zeros(5)
+    # P1: first half ~ N(1, 0.25^2), second ~ N(0, 0.25^2); P2 the halves swapped
+    assert torch.allclose(d["xa"].mean(0), torch.cat([ones, zeros]), atol=0.02)
+    assert torch.allclose(d["xb"].mean(0), torch.cat([zeros, ones]), atol=0.02)
+    assert torch.allclose(d["xa"].std(0), torch.full((10,), 0.25), atol=0.02)
+    assert not torch.equal(d["xa"][:64], d["xa_test"])   # held out: fresh draws, not a copy
+
+
+def test_forgetting_data_is_seeded_and_m_moves_only_the_targets():
+    a, b = data.forgetting_data(3), data.forgetting_data(3)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["ya"], data.forgetting_data(4)["ya"])
+    still = data.forgetting_data(3, m=0.0)
+    assert torch.equal(a["xa"], still["xa"]) and torch.equal(a["xb_test"], still["xb_test"])
+    assert (a["ya"] - still["ya"]).abs().mean() > 0.05 and (a["yb"] - still["yb"]).abs().mean() > 0.05
+
+
+def test_separation_on_hand_made_groups():
+    ha = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])        # mean 0, mean squared distance to it 2
+    assert gapt.separation(ha, ha.clone()) == 0.0
+    shift = torch.tensor([3.0, 4.0])                       # means 5 apart
+    assert gapt.separation(ha, ha + shift) == pytest.approx(5 / math.sqrt(2))   # not 5: var sums over dims
+    hb = 3 * ha + shift                                    # spread 18: sqrt((2 + 18) / 2)
+    assert gapt.separation(ha, hb) == pytest.approx(5 / math.sqrt(10))
+    assert gapt.separation(ha, hb) == pytest.approx(gapt.separation(10 * hb, 10 * ha))   # symmetric, scale-free
+    point = torch.zeros(4, 2)
+    assert gapt.separation(point, point) == 0.0 and gapt.separation(point, point + 1) == math.inf
+
+
+def test_forgetting_run_logs_both_tasks_and_eval_metrics(tmp_path):
+    # after the first step (any loss beats inf) no step improves L1 by > 1: compress after p_m = 50 more,
+    # then never stop (no p_c plateau, no spike)
+    r = run_gapt("--task=forgetting", "--max_iters=60", "--p_m=50", "--delta_ce=1", "--p_c=1000", "--tau=1000",
+                 "--log_interval=20", f"--out_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    assert "loss_A_after_B" in r.stdout and os.path.exists(tmp_path / "config.json")
+    train = read_log(tmp_path, "train")
+    assert [r["step"] for r in train] == list(range(1, 121))
+    assert [r["task"] for r in train] == ["A"] * 60 + ["B"] * 60
+    # the controller runs in both tasks and starts B afresh, in memorisation
+    assert [r["phase"] for r in train] == 2 * ([gapt.MEMORIZE] * 51 + [gapt.COMPRESS] * 9)
+    (ev,) = read_log(tmp_path, "eval")
+    keys = ("loss_A_after_A", "loss_A_after_B", "loss_B", "separation", "mbe_A", "mbe_B")
+    assert ev["step"] == 120 and all(math.isfinite(ev[k]) and ev[k] >= 0 for k in keys)
+    assert ev["loss_A_after_A"] != ev["loss_A_after_B"]
+    assert 0 <= ev["mbe_A"] <= math.log(8) and 0 <= ev["mbe_B"] <= math.log(8)
+
+
+def test_forgetting_compress_mode_always_compresses(tmp_path):
+    r = run_gapt("--task=forgetting", "--phase_mode=compress", "--max_iters=20", f"--out_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    assert {r["phase"] for r in read_log(tmp_path, "train")} == {gapt.COMPRESS}
+
+
+def test_forgetting_patch_size_must_divide_the_samples(tmp_path, capsys):
+    assert gapt.main(["--task=forgetting", "--patch_size=7", f"--out_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert "--patch_size=7" in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "out")   # rejected before anything is written
+
+
+def test_compression_lowers_the_hidden_layer_mbe(tmp_path):
+    d = data.forgetting_data(0, n_train=64)
+    last = {}
+    for mode in ("memorize", "compress"):   # same init and data; only the loss differs
+        torch.manual_seed(0)
+        cfg = dict(gapt.DEFAULTS, phase_mode=mode, max_iters=30, learning_rate=1e-2, mbe_weight=10.0)
+        gapt.fit_task(gapt.Student(10, 50), d["xa"], d["ya"], cfg, gapt.Logger(str(tmp_path), True), "A", 0)
+        last[mode] = read_log(tmp_path, "train")[-1]["mbe"]
+    assert last["compress"] < 0.5 * last["memorize"]
+
+
+def test_text_task_trains_on_prepared_shards(text_dir, tmp_path):
+    shards, _ = text_dir
+    out = tmp_path / "run"
+    r = run_gapt("--task=text", f"--data_dir={shards}", "--n_layer=2", "--n_head=2", "--n_embd=32",
+                 "--block_size=16", "--batch_size=4", "--val_tokens=64", "--max_iters=12", "--eval_interval=6",
+                 "--p_m=2", "--p_c=2", "--delta_ce=1", "--tau=10", f"--tokenizer_file={tokenizer_file()}",
+                 f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr
+    ev = read_log(out, "eval")
+    assert [e["step"] for e in ev] == [0, 6, 12] and ev[-1]["val_ce"] < ev[0]["val_ce"]
+    assert len(ev[-1]["val_mbe_layers"]) == 2 and ev[0]["val_ce"] == pytest.approx(math.log(50304), abs=0.3)
+    assert {t["phase"] for t in read_log(out, "train")} == {1, 2}
+    assert r.stdout.count("sample:") == 3
