@@ -325,26 +325,35 @@ def matrix_entropy(Z, alpha=2.0):
     """Renyi entropy (nats) of the trace-normalised Gram matrix of Z.
     Z: (..., N, D) -> (...,), in [0, log N]. Computed in at least float32 (also
     inside autocast), differentiable, and 0 with a zero gradient for Z = 0."""
-    if alpha <= 0:
-        raise ValueError(f"alpha must be positive, got {alpha}")
-    N = Z.shape[-2]
+    return gram_entropy(gram(Z), alpha)
+
+
+def gram(Z):
+    """Z Z^T: (..., N, D) -> (..., N, N), in at least float32, also inside autocast."""
     with torch.autocast(Z.device.type, enabled=False):
         Z = Z.to(torch.promote_types(Z.dtype, torch.float32))
-        G = Z @ Z.transpose(-1, -2)                                  # (..., N, N)
-        tr = G.diagonal(dim1=-2, dim2=-1).sum(-1)                    # (...,)
-        fro2 = G.square().sum((-2, -1))                              # ||G||_F^2, (...,)
-        ok = fro2 != 0                                               # Z = 0 (or underflow): entropy 0; NaN stays NaN
-        one = torch.ones_like(tr)
-        tr, fro2 = torch.where(ok, tr, one), torch.where(ok, fro2, one)   # safe values, no NaN gradients
-        if alpha == 2:
-            S = 2 * torch.log(tr) - torch.log(fro2)
+        return Z @ Z.transpose(-1, -2)
+
+
+def gram_entropy(G, alpha=2.0):
+    """matrix_entropy from the Gram matrices G (..., N, N). For alpha = 2 nothing larger
+    than G is formed and nothing is decomposed: about 25x faster than eigvalsh at N = 8."""
+    if alpha <= 0:
+        raise ValueError(f"alpha must be positive, got {alpha}")
+    tr = G.diagonal(dim1=-2, dim2=-1).sum(-1)                        # (...,)
+    fro2 = G.square().sum((-2, -1))                                  # ||G||_F^2, (...,)
+    ok = fro2 != 0                                                   # Z = 0 (or underflow): entropy 0; NaN stays NaN
+    one = torch.ones_like(tr)
+    tr, fro2 = torch.where(ok, tr, one), torch.where(ok, fro2, one)  # safe values, no NaN gradients
+    if alpha == 2:
+        S = 2 * torch.log(tr) - torch.log(fro2)
+    else:
+        lam = torch.linalg.eigvalsh(G / tr[..., None, None]).clamp(min=0)   # (..., N)
+        if alpha == 1:
+            S = -(lam * torch.log(torch.where(lam > 0, lam, 1.0))).sum(-1)   # 0 log 0 = 0
         else:
-            lam = torch.linalg.eigvalsh(G / tr[..., None, None]).clamp(min=0)   # (..., N)
-            if alpha == 1:
-                S = -(lam * torch.log(torch.where(lam > 0, lam, 1.0))).sum(-1)   # 0 log 0 = 0
-            else:
-                S = torch.log(lam.pow(alpha).sum(-1)) / (1 - alpha)
-        return torch.where(ok, S, torch.zeros_like(S)).clamp(0.0, math.log(N))   # clamp: rounding only
+            S = torch.log(lam.pow(alpha).sum(-1)) / (1 - alpha)
+    return torch.where(ok, S, torch.zeros_like(S)).clamp(0.0, math.log(G.shape[-1]))   # clamp: rounding only
 
 
 def patch_mbe(h, patch_size=8):
@@ -357,13 +366,13 @@ def patch_mbe(h, patch_size=8):
 
 
 def layer_mbe(hs, layers, patch_size):
-    """MBE of the chosen layers in one batched call: (len(layers),) nats.
-    Stacking first makes this one (L*B*T/P, P, P) Gram computation, not L of them."""
-    h = torch.stack([hs[i] for i in layers])                          # (L, B, T, D)
-    L, B, T, D = h.shape
+    """patch_mbe of the chosen layers: (len(layers),) nats. Each layer goes to its Gram
+    blocks (B*T/P, P, P) from a view of its output, then one entropy call for them all.
+    Stacking the outputs (L, B, T, D) first would copy them and keep the copy for backward."""
+    T, D = hs[0].shape[1:]
     if T % patch_size:
         raise ValueError(f"sequence length {T} is not divisible by patch_size {patch_size}")
-    return matrix_entropy(h.reshape(L, B * T // patch_size, patch_size, D)).mean(-1)
+    return gram_entropy(torch.stack([gram(hs[i].reshape(-1, patch_size, D)) for i in layers])).mean(-1)
 
 # -----------------------------------------------------------------------------
 # IBLM: Information Bottleneck Language Modelling asks for the representations
@@ -648,6 +657,18 @@ def build(cfg, device, ck):
     return model, optimizer, controller
 
 
+def micro_step(model, x, y, phase, cfg, ctx, scaler, accum):
+    """Forward, M, the IBLM loss and backward on one micro-batch: the code that
+    train() runs and bench() times. Returns the detached CE and M."""
+    with ctx:
+        _, ce, hs = model(x, y)
+    with nullcontext() if phase == COMPRESS else torch.no_grad():   # in memorisation M is only watched
+        M = layer_mbe(hs, cfg["layers"], cfg["patch_size"]).mean()
+    loss = iblm_loss(ce, M, phase, cfg["mbe_weight"]) / accum       # a mean over micro-batches, not a sum
+    scaler.scale(loss).backward()
+    return ce.detach().float(), M.detach()
+
+
 def train(cfg):
     device, ctx, scaler, (ddp, rank, world) = setup_device(cfg)
     master = rank == 0
@@ -702,13 +723,8 @@ def train(cfg):
             x, y = (t.to(device) for t in data.batch(B))
             if ddp:   # sync gradients on the last micro-step only; must be set before the forward pass
                 model.require_backward_grad_sync = micro == accum - 1
-            with ctx:
-                _, ce, hs = model(x, y)
-            with nullcontext() if phase == COMPRESS else torch.no_grad():   # in memorisation M is only watched
-                M = layer_mbe(hs, cfg["layers"], cfg["patch_size"]).mean()
-            loss = iblm_loss(ce, M, phase, cfg["mbe_weight"]) / accum   # a mean over micro-batches, not a sum
-            scaler.scale(loss).backward()
-            stats += torch.stack([ce.detach().float(), M.detach(), torch.tensor(float(phase), device=device)]) / accum
+            ce, M = micro_step(model, x, y, phase, cfg, ctx, scaler, accum)
+            stats += torch.stack([ce, M, torch.full((), float(phase), device=device)]) / accum   # full: no host copy
         ce, mbe, phase_mean = all_mean(stats, ddp, world).tolist()
         if abs(phase_mean - phase) > 1e-6:       # every rank reads the same all-reduced CE and M
             raise TrainingError(f"step {step}: processes disagree about the phase (mean {phase_mean}, this one {phase})")
@@ -958,10 +974,19 @@ def compare(cfg):
     table = compare_table(dirs)
     with open(os.path.join(cfg["out_dir"], "results.json"), "w") as f:
         json.dump(table, f, indent=1)
-    path = cfg["fig"] or os.path.join("figures", ("cycle" if cfg["align_interval"] else cfg["task"]) + ".png")
+    path = cfg["fig"] or os.path.join("figures", cfg["task"] + ".png")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     plot_compare(dirs, cfg, path)
     print(f"figure: {path}\nresults: {os.path.join(cfg['out_dir'], 'results.json')}")
+    if cfg["align_interval"] and cfg["task"] != "forgetting":
+        plot_cycle(dirs, os.path.join(os.path.dirname(path), "cycle.png"))
+        print(f"figure: {os.path.join(os.path.dirname(path), 'cycle.png')}")
+
+
+def sd(v):
+    """Sample standard deviation over seeds (axis 0); 0 for a single seed."""
+    v = np.asarray(v, dtype=float)
+    return v.std(0, ddof=1) if len(v) > 1 else np.zeros(v.shape[1:])
 
 
 def compare_table(dirs):
@@ -970,7 +995,7 @@ def compare_table(dirs):
     for arm, outs in dirs.items():
         finals = [read_log(os.path.join(o, "log.jsonl"), "eval")[-1] for o in outs]
         keys = [k for k, v in finals[0].items() if isinstance(v, float)]
-        table[arm] = {k: (float(np.mean([f[k] for f in finals])), float(np.std([f[k] for f in finals])))
+        table[arm] = {k: (float(np.mean([f[k] for f in finals])), float(sd([f[k] for f in finals])))
                       for k in keys}
     keys = list(next(iter(table.values())))
     print(f"\n| arm (n={len(next(iter(dirs.values())))}) | " + " | ".join(keys) + " |")
@@ -985,34 +1010,54 @@ def mean_curve(outs, kind, key):
     recs = [[r for r in read_log(os.path.join(o, "log.jsonl"), kind) if key in r] for o in outs]
     n = min(map(len, recs))
     vals = np.array([[r[key] for r in rs[:n]] for rs in recs])
-    return [r["step"] for r in recs[0][:n]], vals.mean(0), vals.std(0)
+    return [r["step"] for r in recs[0][:n]], vals.mean(0), sd(vals)
+
+
+def plot_cycle(dirs, path):
+    """The paper's cycle observation: cos(grad CE, grad M) against step, per seed, per arm."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(dirs), figsize=(5 * len(dirs), 3.6), squeeze=False, sharey=True)
+    for ax, (arm, outs) in zip(axes[0], dirs.items()):
+        for s, out in enumerate(outs):
+            recs = read_log(os.path.join(out, "log.jsonl"), "align")
+            ax.plot([r["step"] for r in recs], [r["cos"] for r in recs], lw=0.9, label=f"seed {s}")
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_title(f"{arm}")
+        ax.set_xlabel("optimizer step")
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("cos(grad CE, grad MBE), all parameters")
+    fig.suptitle("Alignment of the CE and MBE gradients: above 0 memorising also compresses, below 0 they conflict")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_compare(dirs, cfg, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    if cfg["align_interval"]:
-        panels = [("align", "cos", "cos(grad CE, grad MBE)")]
-    elif cfg["task"] == "arithmetic":
+    if cfg["task"] == "arithmetic":
         panels = [("eval", "ood_ce", "OOD answer CE (nats)"), ("eval", "ood_conf", "OOD confidence (top-token prob.)"),
                   ("eval", "id_acc", "ID exact match"), ("eval", "ood_acc", "OOD exact match")]
     elif cfg["task"] == "text":
         panels = [("eval", "val_ce", "val CE (nats/token)"), ("eval", "val_mbe_layers", "val MBE per layer (nats)")]
     else:
-        panels = [("eval", k, k) for k in ("separation", "loss_A_after_B", "loss_B")]
+        panels = [("eval", "separation", "separation of A and B (held out)"),
+                  ("eval", "loss_A_after_B", "L1 loss on A after B (interference)"), ("eval", "loss_B", "L1 loss on B")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for ax, (kind, key, label) in zip(axes[0], panels):
         for i, (arm, outs) in enumerate(dirs.items()):
             if key.endswith("_layers"):   # bars: the final per-layer values, one group per arm
                 v = np.array([read_log(os.path.join(o, "log.jsonl"), "eval")[-1][key] for o in outs])
                 x = np.arange(v.shape[1]) + (i - (len(dirs) - 1) / 2) * 0.8 / len(dirs)
-                ax.bar(x, v.mean(0), 0.8 / len(dirs), yerr=v.std(0), label=arm)
+                ax.bar(x, v.mean(0), 0.8 / len(dirs), yerr=sd(v), label=arm)
                 ax.set_xlabel("layer")
             elif cfg["task"] == "forgetting":
                 v = [read_log(os.path.join(o, "log.jsonl"), "eval")[-1][key] for o in outs]
-                ax.bar(i, np.mean(v), yerr=np.std(v), label=arm)
-                ax.set_xticks([])
+                ax.bar(i, np.mean(v), yerr=sd(v), label=arm)
+                ax.set_xticks(range(len(dirs)), list(dirs))
             else:
                 steps, m, s = mean_curve(outs, kind, key)
                 ax.plot(steps, m, label=arm)
@@ -1023,13 +1068,107 @@ def plot_compare(dirs, cfg, path):
             for a, b in phase_spans([r["step"] for r in train_recs], [r["phase"] for r in train_recs]):
                 ax.axvspan(a, b, color="grey", alpha=0.15, lw=0)
         ax.set_ylabel(label)
-        ax.legend(fontsize=8)
+        if cfg["task"] != "forgetting":
+            ax.legend(fontsize=8)
     n = len(next(iter(dirs.values())))
     fig.suptitle(f"{cfg['task']}: {' vs '.join(dirs)}, mean ± std over {n} seeds"
                  + ("" if cfg["task"] == "forgetting" or "gapt" not in dirs else " (grey: GAPT seed-0 compression)"))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+# -----------------------------------------------------------------------------
+# Benchmark (--bench): what compression costs on top of language modelling. The
+# modes take turns on one model and one batch of random tokens of the task's
+# vocabulary and context (no data loading, one micro-batch a step), so machine
+# noise hits them alike; ratios are medians of the ratios within each turn.
+
+# peak dense bf16 tensor FLOP/s (datasheets, no sparsity) by a substring of the GPU's name; first match wins
+PEAK_FLOPS = (("GB200", 2500e12), ("B200", 2250e12), ("H200 NVL", 836e12), ("H200", 989e12), ("H100 NVL", 835e12),
+              ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12),
+              ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12))
+
+
+def bench(cfg):
+    if "RANK" in os.environ or cfg["task"] == "forgetting":
+        raise ConfigError("--bench times the GPT in one process: python gapt.py --bench [--task=text --model=...]")
+    device, ctx, scaler, _ = setup_device(cfg)
+    from data import ARITH_VOCAB
+    cfg = resolve(cfg, ARITH_VOCAB if cfg["task"] == "arithmetic" else 50304)
+    B, T, P, D = cfg["batch_size"], cfg["block_size"], cfg["patch_size"], cfg["n_embd"]
+    model, optimizer, _ = build(cfg, device, None)
+    raw, compiled = model, cfg["compile"] == "on" or (cfg["compile"] == "auto" and device.type == "cuda")
+    model = torch.compile(model) if compiled else model
+    x, y = (torch.randint(cfg["vocab_size"], (B, T), device=device) for _ in range(2))
+    clip = cfg["grad_clip"] or math.inf
+
+    def gapt_step(phase):   # as in train(): micro_step, CE, M and the gradient norm read on the host, AdamW
+        torch.stack(micro_step(model, x, y, phase, cfg, ctx, scaler, 1)).tolist()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), clip).item()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    def plain_step():       # the reference: a plain PyTorch loop on the same model, CE only, nothing read
+        with ctx:
+            loss = model(x, y)[1]
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    def clock(fn, reps=1):  # seconds per call; on cuda the queue is drained at both ends only
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        return (time.perf_counter() - t0) / reps
+
+    median = lambda fn, n=20: float(np.median([clock(fn) for _ in range(n)]))   # noqa: E731
+    modes = {"plain PyTorch": plain_step, "gapt memorise": lambda: gapt_step(MEMORIZE),
+             "gapt compress": lambda: gapt_step(COMPRESS)}
+    k = 5 if device.type == "cuda" else 1              # steps per reading, so the drains cost little
+    for fn in modes.values():
+        clock(fn, 3)                                   # warm-up (and compilation)
+    ts = {m: [] for m in modes}
+    for _ in range(-(-cfg["bench_steps"] // k)):       # the modes take turns
+        for m, fn in modes.items():
+            ts[m].append(clock(fn, k))
+    step = {m: float(np.median(t)) for m, t in ts.items()}
+    ratio = lambda a, b: float(np.median(np.divide(ts[a], ts[b])))   # noqa: E731
+    with torch.no_grad(), ctx:                         # the MBE alone, on this model's representations
+        hs = [h.detach().requires_grad_() for h in raw(x)[2]]
+    with torch.no_grad():
+        watch = median(lambda: layer_mbe(hs, cfg["layers"], P))
+    learn = median(lambda: layer_mbe(hs, cfg["layers"], P).mean().backward())
+    Z = hs[cfg["layers"][0]].detach().reshape(-1, P, D)   # one layer's windows (B*T/P, P, D)
+    G = gram(Z)                                          # and their Gram blocks (B*T/P, P, P)
+    with torch.no_grad():
+        closed, eig = median(lambda: gram_entropy(G, 2.0)), median(lambda: gram_entropy(G, 1.0))
+        closed_z, eig_z = median(lambda: matrix_entropy(Z, 2.0)), median(lambda: matrix_entropy(Z, 1.0))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    peak = next((f for s, f in PEAK_FLOPS if s in name), None) if name else None
+    flops = 6 * (raw.num_params() - raw.transformer.wpe.weight.numel()) + 12 * cfg["n_layer"] * D * T   # nanoGPT's MFU
+    met = lambda v, lim: f"{v:.3f}x (target <= {lim}: {'met' if v <= lim else 'MISSED'})"   # noqa: E731
+    print(f"bench: GPT {cfg['n_layer']} layers x {D}, {raw.num_params():,} parameters, MBE on layers {cfg['layers']} | "
+          f"{B} x {T} random tokens a step | {device} {cfg['dtype']} | compile {'on' if compiled else 'off'} | "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads | median of {len(ts['plain PyTorch']) * k} steps")
+    print(f"{'mode':<16}{'ms/step':>10}{'tok/s':>12}{'vs plain':>10}{'MFU':>8}")
+    for m in modes:
+        mfu = f"{flops * B * T / step[m] / peak:.1%}" if peak else "-"
+        print(f"{m:<16}{1000 * step[m]:>10.2f}{B * T / step[m]:>12,.0f}{ratio(m, 'plain PyTorch'):>9.3f}x{mfu:>8}")
+    print(f"compress / memorise {met(ratio('gapt compress', 'gapt memorise'), 1.05)} | "
+          f"memorise / plain {met(ratio('gapt memorise', 'plain PyTorch'), 1.1)}")
+    print(f"MBE share of a step: memorise {watch / step['gapt memorise']:.2%} (no grad, target <= 2%) | "
+          f"compress {learn / step['gapt compress']:.2%} (forward and backward)")
+    print(f"alpha=2 closed form vs eigenvalue path (alpha=1) from {tuple(G.shape)} Gram blocks: {1e3 * closed:.3f} vs "
+          f"{1e3 * eig:.3f} ms, {eig / closed:.0f}x (target >= 20x); from {tuple(Z.shape)} windows: {eig_z / closed_z:.1f}x")
+    print(f"GPU: {name}, MFU vs {peak / 1e12:.0f} TFLOP/s dense bf16" if peak else
+          f"GPU: {name}, peak FLOP/s unknown, no MFU" if name else "GPU: not yet measured (no CUDA device here)")
 
 
 def main(argv=None):
@@ -1039,6 +1178,9 @@ def main(argv=None):
         return 0
     try:
         cfg = parse_args(argv)
+        if cfg["bench"]:
+            bench(cfg)
+            return 0
         compare(cfg) if cfg["compare"] else (train_forgetting if cfg["task"] == "forgetting" else train)(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
