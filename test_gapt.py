@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils._pytree import tree_flatten
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 import gapt
@@ -809,3 +811,101 @@ def test_text_task_trains_on_prepared_shards(text_dir, tmp_path):
     assert len(ev[-1]["val_mbe_layers"]) == 2 and ev[0]["val_ce"] == pytest.approx(math.log(50304), abs=0.3)
     assert {t["phase"] for t in read_log(out, "train")} == {1, 2}
     assert r.stdout.count("sample:") == 3
+
+# -----------------------------------------------------------------------------
+# the benchmark and the MBE formulation it times (no timing asserted)
+
+B, T, P, D = 64, 24, 8, 128          # the default config's batch: (B*T/P, P, P) = (192, 8, 8) Gram blocks
+
+
+def test_bench_runs_and_prints_one_table(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "gapt.py"), "--bench", "--n_layer=3", "--n_head=2",
+                        "--n_embd=32", "--batch_size=8", "--bench_steps=2", f"--out_dir={tmp_path / 'out'}"],
+                       capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for line in ("bench: GPT 3 layers x 32", "plain PyTorch", "gapt memorise", "gapt compress", "compress / memorise",
+                 "slower gapt mode / plain", "MBE share of a step", "closed form vs eigenvalue path", "GPU:"):
+        assert line in out, f"missing '{line}' in:\n{out}"
+    assert "(24, 8, 8) Gram blocks" in out                       # B*T/P = 8*24/8 windows of one layer
+    if not torch.cuda.is_available():
+        assert "GPU: not yet measured" in out
+    assert not (tmp_path / "out").exists()                          # trains nothing, writes nothing
+
+
+def test_bench_refuses_the_forgetting_toy():
+    r = subprocess.run([sys.executable, os.path.join(HERE, "gapt.py"), "--bench", "--task=forgetting"],
+                       capture_output=True, text=True, timeout=120, cwd=HERE)
+    assert r.returncode == 2 and "--bench" in r.stderr and "Traceback" not in r.stderr
+
+
+def reference_entropy(G, alpha):
+    """The definition in float64: eigenvalues of G / tr(G)."""
+    lam = torch.linalg.eigvalsh(G.double() / G.double().diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None])
+    lam = lam.clamp(min=0)
+    if alpha == 1:
+        return -(lam * torch.log(torch.where(lam > 0, lam, 1.0))).sum(-1)
+    return torch.log(lam.pow(alpha).sum(-1)) / (1 - alpha)
+
+
+def bench_windows(seed=0):
+    """(B*T/P, P, D) windows with spectra from flat to nearly rank one."""
+    g = torch.Generator().manual_seed(seed)
+    n = B * T // P
+    low = torch.randn(n, P, 1, generator=g) @ torch.randn(n, 1, D, generator=g)   # rank one per window
+    mix = torch.rand(n, 1, 1, generator=g)
+    return low + mix * torch.randn(n, P, D, generator=g) * torch.rand(n, P, 1, generator=g)
+
+
+def test_closed_form_and_eigenvalue_path_agree_on_the_bench_blocks():
+    Z = bench_windows()
+    G = gapt.gram(Z)
+    assert G.shape == (B * T // P, P, P)
+    closed, eig_path = gapt.gram_entropy(G, 2.0), gapt.gram_entropy(G, 1.0)
+    assert closed.shape == eig_path.shape == (B * T // P,)
+    assert torch.allclose(closed.double(), reference_entropy(G, 2.0), atol=1e-5)
+    assert torch.allclose(eig_path.double(), reference_entropy(G, 1.0), atol=1e-4)
+    assert torch.equal(gapt.matrix_entropy(Z), closed)                    # the same computation from Z
+    assert closed.min() < 0.5 and closed.max() > 1.5                      # the test spans the range
+    assert (eig_path >= closed - 1e-5).all()                              # Renyi orders: S_1 >= S_2
+
+
+def test_layer_mbe_is_the_mean_windowed_entropy_of_each_layer():
+    torch.manual_seed(0)
+    hs = [torch.randn(4, T, 16) * (i + 1) for i in range(4)]
+    got = gapt.layer_mbe(hs, [1, 3], P)
+    assert torch.allclose(got, torch.stack([gapt.patch_mbe(hs[1], P), gapt.patch_mbe(hs[3], P)]), atol=1e-6)
+    with pytest.raises(ValueError):
+        gapt.layer_mbe([torch.randn(2, T + 1, 16)], [0], P)
+
+
+class NewTensors(TorchDispatchMode):
+    """Records the element count of every tensor an op allocates (views of existing storage are not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        self.sizes += [t.numel() for t in tree_flatten(out)[0]
+                       if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs]
+        return out
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_mbe_forms_nothing_larger_than_the_gram_blocks(grad):
+    hs = [torch.randn(B, T, D, requires_grad=grad) for _ in range(4)]
+    blocks = B * T // P * P * P                                            # one layer's (B*T/P, P, P)
+    with torch.set_grad_enabled(grad):
+        with NewTensors() as one:
+            gapt.matrix_entropy(hs[1].reshape(-1, P, D))
+        with NewTensors() as layers:
+            M = gapt.layer_mbe(hs, [1, 2], P).mean()
+    assert max(one.sizes) == blocks                                        # the Gram blocks themselves
+    assert max(layers.sizes) == 2 * blocks                                 # both layers' blocks, never a (B, T, D) copy
+    if grad:
+        M.backward()
+        assert all(torch.isfinite(h.grad).all() for h in hs[1:3]) and hs[0].grad is None
+        assert math.isfinite(M.item())
