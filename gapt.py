@@ -348,7 +348,7 @@ def gram_entropy(G, alpha=2.0):
     ok = fro2 != 0                                                   # Z = 0 (or underflow): entropy 0; NaN stays NaN
     tr, fro2 = torch.where(ok, tr, 1.0), torch.where(ok, fro2, 1.0)  # safe values, no NaN gradients
     if alpha == 2:
-        S = torch.log(tr.square() / fro2)                            # 2 log tr(G) - log ||G||_F^2, in fewer ops
+        S = 2 * torch.log(tr) - torch.log(fro2)
     else:
         lam = torch.linalg.eigvalsh(G / tr[..., None, None]).clamp(min=0)   # (..., N)
         if alpha == 1:
