@@ -100,6 +100,11 @@ class Arithmetic:
         self.id_ab = arith_sample(ev, n_eval, *train_digits)
         self.ood_ab = arith_sample(ev, n_eval, *ood_digits)
         self.held_out = np.unique(arith_key(*self.id_ab))
+        lo, hi = train_digits
+        n_pairs = (10**hi - (0 if lo == 1 else 10 ** (lo - 1))) ** 2   # distinct training problems
+        if 2 * len(self.held_out) > n_pairs:   # else batch() would resample (nearly) forever
+            raise ValueError(f"--n_eval={n_eval} holds out {len(self.held_out)} of the {n_pairs} problems with "
+                             f"{lo}-{hi} digit operands: use a smaller --n_eval or larger operands")
         self.rng = np.random.default_rng([seed, rank])   # each DDP rank draws its own problems
 
     def batch(self, n):

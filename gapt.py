@@ -59,7 +59,7 @@ CONFIG = [
     # GAPT: MBE, the IBLM loss and the phase controller
     ("mbe_weight", 1.0, "weight of the MBE term in the compression phase: L = CE + mbe_weight * M"),
     ("patch_size", 8, "MBE window: entropy of each run of patch_size consecutive tokens"),
-    ("mbe_layers", "inner", "layers whose MBE is compressed: inner (all but first and last) | all | comma list like 1,2"),
+    ("mbe_layers", "inner", "layers whose MBE is compressed: inner (all but first and last; all if < 3 layers) | all | list like 1,2"),
     ("p_m", 100, "memorisation patience: steps without a CE improvement > delta_ce before compressing"),
     ("p_c", 50, "compression patience: steps without an MBE improvement > delta_mbe before memorising again"),
     ("delta_ce", 0.01, "CE improvement (nats) that resets the memorisation patience"),
@@ -160,6 +160,9 @@ def validate(cfg):
     for key in ("tau", "delta_ce", "delta_mbe", "mbe_weight", "weight_decay", "grad_clip", "min_lr"):
         if cfg[key] < 0:
             raise ConfigError(f"--{key}={cfg[key]}: must be >= 0")
+    for key in ("beta1", "beta2"):
+        if not 0 <= cfg[key] < 1:
+            raise ConfigError(f"--{key}={cfg[key]}: must be in [0, 1)")
     if cfg["learning_rate"] <= 0:
         raise ConfigError(f"--learning_rate={cfg['learning_rate']}: must be positive")
     if not 0 <= cfg["dropout"] < 1:
@@ -439,13 +442,13 @@ class GAPT:
 
 def make_data(cfg, rank, world):
     import data
-    if cfg["task"] == "arithmetic":
-        return data.Arithmetic(cfg["seed"], cfg["block_size"], (cfg["digits_min"], cfg["digits_max"]),
-                               (cfg["ood_digits_min"], cfg["ood_digits_max"]), cfg["n_eval"],
-                               cfg["reverse_answer"], rank)
-    try:
+    try:   # data.py's errors (missing shards, a context too short or too long) are bad input
+        if cfg["task"] == "arithmetic":
+            return data.Arithmetic(cfg["seed"], cfg["block_size"], (cfg["digits_min"], cfg["digits_max"]),
+                                   (cfg["ood_digits_min"], cfg["ood_digits_max"]), cfg["n_eval"],
+                                   cfg["reverse_answer"], rank)
         return data.TokenShards(cfg["data_dir"], cfg["block_size"], cfg["seed"], rank, world)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from None
 
 
@@ -454,7 +457,10 @@ def eval_batches(cfg, data):
     B = cfg["batch_size"]
     if cfg["task"] == "arithmetic":
         return {name: list(zip(x.split(B), y.split(B))) for name, (x, y) in data.eval_sets().items()}
-    return {"val": data.val_batches(cfg["val_tokens"], B)}
+    try:
+        return {"val": data.val_batches(cfg["val_tokens"], B)}
+    except ValueError as e:
+        raise ConfigError(f"--val_tokens={cfg['val_tokens']}: {e}") from None
 
 
 @torch.no_grad()
@@ -580,15 +586,15 @@ def save_checkpoint(path, state):
 
 def rng_state():
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}   # this rank's GPU
 
 
 def set_rng_state(s):
     random.setstate(s["python"])
     np.random.set_state(s["numpy"])
     torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
 
 
 def load_checkpoint(out_dir):
@@ -616,7 +622,7 @@ class Logger:
 
     def truncate_after(self, step):
         with open(self.path) as f:
-            keep = [line for line in f if json.loads(line).get("step", 0) <= step]
+            keep = [line for line in f if line.endswith("\n") and json.loads(line).get("step", 0) <= step]
         with open(self.path + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(self.path + ".tmp", self.path)
@@ -677,7 +683,9 @@ def train(cfg):
     ck = load_checkpoint(cfg["out_dir"]) if cfg["init_from"] == "resume" else None
     if ck:   # the model and data are the checkpoint's; the schedule and logging are the command line's
         cfg.update({k: ck["config"][k] for k in ("task", "model", "n_layer", "n_head", "n_embd", "block_size",
-                                                 "bias", "patch_size", "mbe_layers", "seed")})
+                                                 "bias", "patch_size", "mbe_layers", "seed", "reverse_answer",
+                                                 "digits_min", "digits_max", "ood_digits_min", "ood_digits_max",
+                                                 "n_eval")})
     from data import ARITH_VOCAB
     cfg = resolve(cfg, ARITH_VOCAB if cfg["task"] == "arithmetic" else 50304)   # 50257 padded to 64k: faster
     B, T = cfg["batch_size"], cfg["block_size"]
@@ -692,9 +700,11 @@ def train(cfg):
     step = 0
     if ck:
         step = ck["step"]
-        mine = ck["ranks"][rank] if len(ck["ranks"]) == world else ck["ranks"][0]
-        data.load_state_dict(mine["data"])
-        set_rng_state(mine["rng"])
+        if len(ck["ranks"]) == world:
+            data.load_state_dict(ck["ranks"][rank]["data"])
+            set_rng_state(ck["ranks"][rank]["rng"])
+        elif rank == 0:   # another number of processes: each rank keeps its own fresh data stream
+            print(f"resume: checkpoint from {len(ck['ranks'])} processes, now {world}: data streams restart")
         scaler.load_state_dict(ck["scaler"])
     raw = model                                    # uncompiled, unwrapped: what checkpoints hold
     if cfg["compile"] == "on" or (cfg["compile"] == "auto" and device.type == "cuda"):
@@ -930,6 +940,8 @@ def forgetting_eval(model, d, patch_size):
 
 def train_forgetting(cfg):
     import data
+    if cfg["init_from"] == "resume":
+        raise ConfigError("--task=forgetting takes seconds and keeps no checkpoint: run it again, without --init_from")
     n_in, n_hidden = 10, 50                                            # the paper's teacher, and so the student
     d = data.forgetting_data(cfg["seed"], n_in, n_hidden, cfg["forget_m"])
     if len(d["xa"]) % cfg["patch_size"] or len(d["xa_test"]) % cfg["patch_size"]:
@@ -971,7 +983,9 @@ def compare(cfg):
             out = os.path.join(cfg["out_dir"], f"{arm}_seed{s}")
             print(f"=== {arm}, seed {cfg['seed'] + s} -> {out}", flush=True)
             run = train_forgetting if cfg["task"] == "forgetting" else train
-            run(dict(cfg, phase_mode=arm, seed=cfg["seed"] + s, out_dir=out, compare=""))
+            resume = cfg["init_from"] == "resume" and os.path.exists(os.path.join(out, "ckpt.pt"))
+            run(dict(cfg, phase_mode=arm, seed=cfg["seed"] + s, out_dir=out, compare="",
+                     init_from="resume" if resume else "scratch"))   # resume a stopped comparison
             dirs[arm].append(out)
     table = compare_table(dirs)
     with open(os.path.join(cfg["out_dir"], "results.json"), "w") as f:

@@ -336,6 +336,10 @@ def test_help_lists_every_flag():
     (["--init_from=resume"], "no checkpoint"),
     (["--task=text", "--data_dir=nowhere"], "python data.py"),
     (["stray"], "unexpected argument"),
+    (["--beta2=1.5"], "must be in [0, 1)"),
+    (["--block_size=8"], "needs --block_size >= 19"),
+    (["--digits_max=1", "--n_eval=2000"], "smaller --n_eval"),
+    (["--task=forgetting", "--init_from=resume"], "keeps no checkpoint"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, args, msg):
     out = tmp_path / "run"
@@ -909,3 +913,13 @@ def test_mbe_forms_nothing_larger_than_the_gram_blocks(grad):
         M.backward()
         assert all(torch.isfinite(h.grad).all() for h in hs[1:3]) and hs[0].grad is None
         assert math.isfinite(M.item())
+
+
+def test_text_task_bad_sizes_are_one_line_errors(text_dir, tmp_path):
+    shards, _ = text_dir
+    for flags, msg in ((["--block_size=16", "--val_tokens=100000000"], "--val_tokens"),
+                       (["--block_size=400000"], "fewer than block_size")):
+        r = run_gapt("--task=text", f"--data_dir={shards}", "--n_layer=2", "--n_head=2", "--n_embd=32",
+                     *flags, f"--out_dir={tmp_path / 'run'}")
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "run").exists()
