@@ -706,6 +706,7 @@ def train(cfg):
         elif rank == 0:   # another number of processes: each rank keeps its own fresh data stream
             print(f"resume: checkpoint from {len(ck['ranks'])} processes, now {world}: data streams restart")
         scaler.load_state_dict(ck["scaler"])
+    evals = eval_batches(cfg, data)                # before anything is written: a bad size is bad input
     raw = model                                    # uncompiled, unwrapped: what checkpoints hold
     if cfg["compile"] == "on" or (cfg["compile"] == "auto" and device.type == "cuda"):
         model = torch.compile(model)
@@ -721,7 +722,6 @@ def train(cfg):
     log.print(f"torch {torch.__version__} | device {device} | dtype {cfg['dtype']} | processes {world} | "
               f"{raw.num_params():,} parameters | MBE on layers {cfg['layers']} of {cfg['n_layer']}")
     log.print(f"batch: {total:,} tokens/step = {B} seqs x {T} tokens x {world} processes x {accum} accumulation steps")
-    evals = eval_batches(cfg, data)
     if step == 0 and cfg["eval_interval"] and master:
         log.record(kind="eval", step=0, **run_eval(raw, evals, cfg, device, ctx))
     bad, t_start, switches = 0, time.time(), 0
