@@ -328,7 +328,7 @@ def tokenize_documents(docs, tokenizer_file=None):
     """Yield each document's tokens, <|endoftext|> first, in order, from a pool of processes.
     Load the tokenizer once before (a worker that fails to start is restarted forever), and call
     this under `if __name__ == "__main__":`, which a pool needs where processes are spawned."""
-    with mp.Pool(max(1, os.cpu_count() // 2), _init_worker, (tokenizer_file,)) as pool:
+    with mp.Pool(os.cpu_count() or 1, _init_worker, (tokenizer_file,)) as pool:   # every core
         yield from pool.imap(_tokenize, docs, chunksize=16)
 
 
