@@ -16,7 +16,8 @@ Cycles Improve Generalization", arXiv 2505.08727 (2025).
     python gapt.py --bench                           # ms/step: memorise vs compress vs plain PyTorch, MBE share
     python gapt.py --help                            # every flag, its default and meaning
 
-Read top to bottom: config -> model -> MBE -> IBLM -> GAPT -> data -> loop.
+Read top to bottom: config -> model -> MBE -> IBLM -> GAPT -> data -> loop, then the
+forgetting toy, the experiments (--compare) and the benchmark (--bench).
 Importing this file has no side effects; everything runs under __main__.
 """
 import json
