@@ -365,10 +365,7 @@ def gram_entropy(G, alpha=2.0):
 def patch_mbe(h, patch_size=8):
     """MBE of one layer: h (B, T, D) -> scalar, the mean entropy over non-overlapping
     windows of patch_size consecutive tokens of each sequence (the author's setup)."""
-    B, T, D = h.shape
-    if T % patch_size:
-        raise ValueError(f"sequence length {T} is not divisible by patch_size {patch_size}")
-    return matrix_entropy(h.reshape(B, T // patch_size, patch_size, D)).mean()
+    return layer_mbe([h], [0], patch_size)[0]
 
 
 def layer_mbe(hs, layers, patch_size):
@@ -777,7 +774,7 @@ def train(cfg):
                 log.print(f"eval {step:>5} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not isinstance(v, list)))
             save(cfg, raw, optimizer, controller, scaler, data, step, ddp, world, master)
     if master:
-        summary(cfg, log.path, time.time() - t_start, switches)
+        summary(cfg, time.time() - t_start, switches)
         if cfg["task"] == "text":
             print_samples(raw, evals["val"][0][0], cfg, device)
     if ddp:
@@ -802,8 +799,9 @@ def save(cfg, raw, optimizer, controller, scaler, data, step, ddp, world, master
             "scaler": scaler.state_dict(), "step": step, "config": cfg, "ranks": ranks})
 
 
-def read_log(path, kind):
-    with open(path) as f:
+def read_log(run_dir, kind):
+    """The records of one kind ("train", "eval", "align", "skip") in run_dir/log.jsonl."""
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
         return [r for r in map(json.loads, f) if r["kind"] == kind]
 
 
@@ -821,8 +819,8 @@ def phase_spans(steps, phases):
     return spans
 
 
-def summary(cfg, log_path, seconds, switches):
-    train_recs, eval_recs = read_log(log_path, "train"), read_log(log_path, "eval")
+def summary(cfg, seconds, switches):
+    train_recs, eval_recs = read_log(cfg["out_dir"], "train"), read_log(cfg["out_dir"], "eval")
     compress = sum(r["phase"] == COMPRESS for r in train_recs)
     print("-" * 72)
     print(f"done: {cfg['max_iters']} steps in {seconds:.0f} s | phase switches {switches} | "
@@ -837,10 +835,16 @@ def summary(cfg, log_path, seconds, switches):
         print("figure skipped: pip install matplotlib")
 
 
-def plot_run(train_recs, path, title):
+def pyplot():
+    """matplotlib's pyplot on a file-only backend (no display needed), imported when first drawing."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_run(train_recs, path, title):
+    plt = pyplot()
     steps = [r["step"] for r in train_recs]
     fig, axes = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
     for ax, key, label in zip(axes, ("ce", "mbe"), ("train CE (nats/token)", "MBE of regularised layers (nats)")):
@@ -1010,7 +1014,7 @@ def compare_table(dirs):
     """Final eval metrics per arm: mean and std over seeds; printed as markdown."""
     table = {}
     for arm, outs in dirs.items():
-        finals = [read_log(os.path.join(o, "log.jsonl"), "eval")[-1] for o in outs]
+        finals = [read_log(o, "eval")[-1] for o in outs]
         keys = [k for k, v in finals[0].items() if isinstance(v, float)]
         table[arm] = {k: (float(np.mean([f[k] for f in finals])), float(sd([f[k] for f in finals])))
                       for k in keys}
@@ -1024,7 +1028,7 @@ def compare_table(dirs):
 
 def mean_curve(outs, kind, key):
     """steps, mean and std over seeds of one logged metric."""
-    recs = [[r for r in read_log(os.path.join(o, "log.jsonl"), kind) if key in r] for o in outs]
+    recs = [[r for r in read_log(o, kind) if key in r] for o in outs]
     n = min(map(len, recs))
     vals = np.array([[r[key] for r in rs[:n]] for rs in recs])
     return [r["step"] for r in recs[0][:n]], vals.mean(0), sd(vals)
@@ -1032,13 +1036,11 @@ def mean_curve(outs, kind, key):
 
 def plot_cycle(dirs, path):
     """The paper's cycle observation: cos(grad CE, grad M) against step, per seed, per arm."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(dirs), figsize=(5 * len(dirs), 3.6), squeeze=False, sharey=True)
     for ax, (arm, outs) in zip(axes[0], dirs.items()):
         for s, out in enumerate(outs):
-            recs = read_log(os.path.join(out, "log.jsonl"), "align")
+            recs = read_log(out, "align")
             ax.plot([r["step"] for r in recs], [r["cos"] for r in recs], lw=0.9, label=f"seed {s}")
         ax.axhline(0, color="k", lw=0.6)
         ax.set_title(f"{arm}")
@@ -1052,9 +1054,7 @@ def plot_cycle(dirs, path):
 
 
 def plot_compare(dirs, cfg, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     if cfg["task"] == "arithmetic":
         panels = [("eval", "ood_ce", "OOD answer CE (nats)"), ("eval", "ood_conf", "OOD confidence (top-token prob.)"),
                   ("eval", "id_acc", "ID exact match"), ("eval", "ood_acc", "OOD exact match")]
@@ -1067,12 +1067,12 @@ def plot_compare(dirs, cfg, path):
     for ax, (kind, key, label) in zip(axes[0], panels):
         for i, (arm, outs) in enumerate(dirs.items()):
             if key.endswith("_layers"):   # bars: the final per-layer values, one group per arm
-                v = np.array([read_log(os.path.join(o, "log.jsonl"), "eval")[-1][key] for o in outs])
+                v = np.array([read_log(o, "eval")[-1][key] for o in outs])
                 x = np.arange(v.shape[1]) + (i - (len(dirs) - 1) / 2) * 0.8 / len(dirs)
                 ax.bar(x, v.mean(0), 0.8 / len(dirs), yerr=sd(v), label=arm)
                 ax.set_xlabel("layer")
             elif cfg["task"] == "forgetting":
-                v = [read_log(os.path.join(o, "log.jsonl"), "eval")[-1][key] for o in outs]
+                v = [read_log(o, "eval")[-1][key] for o in outs]
                 ax.bar(i, np.mean(v), yerr=sd(v), label=arm)
                 ax.set_xticks(range(len(dirs)), list(dirs))
             else:
@@ -1081,7 +1081,7 @@ def plot_compare(dirs, cfg, path):
                 ax.fill_between(steps, m - s, m + s, alpha=0.2)
                 ax.set_xlabel("optimizer step")
         if "gapt" in dirs and not key.endswith("_layers") and cfg["task"] != "forgetting":
-            train_recs = read_log(os.path.join(dirs["gapt"][0], "log.jsonl"), "train")
+            train_recs = read_log(dirs["gapt"][0], "train")
             for a, b in phase_spans([r["step"] for r in train_recs], [r["phase"] for r in train_recs]):
                 ax.axvspan(a, b, color="grey", alpha=0.15, lw=0)
         ax.set_ylabel(label)

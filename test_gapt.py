@@ -30,9 +30,7 @@ def run_gapt(*args, timeout=240, env=None):
                           text=True, timeout=timeout, cwd=HERE, env=env)
 
 
-def read_log(out_dir, kind):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["kind"] == kind]
+read_log = gapt.read_log   # records of one kind from a run directory's log.jsonl
 
 # -----------------------------------------------------------------------------
 # matrix-based entropy
@@ -923,3 +921,16 @@ def test_text_task_bad_sizes_are_one_line_errors(text_dir, tmp_path):
                      *flags, f"--out_dir={tmp_path / 'run'}")
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (tmp_path / "run").exists()
+
+
+def test_compare_runs_every_arm_and_seed_then_table_and_figures(tmp_path):
+    out, fig = tmp_path / "cmp", tmp_path / "figs" / "arith.png"
+    r = run_gapt(*TINY, "--max_iters=12", "--eval_interval=6", "--align_interval=6", "--p_m=2", "--p_c=2",
+                 "--compare=memorize,gapt", "--seeds=2", f"--out_dir={out}", f"--fig={fig}")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(out)) == ["gapt_seed0", "gapt_seed1", "memorize_seed0", "memorize_seed1", "results.json"]
+    table = json.loads((out / "results.json").read_text())
+    assert set(table) == {"memorize", "gapt"} and len(table["gapt"]["id_ce"]) == 2   # (mean, std)
+    assert "| memorize |" in r.stdout and fig.stat().st_size > 0 and (fig.parent / "cycle.png").exists()
+    seeds = [json.loads((out / d / "config.json").read_text())["seed"] for d in ("gapt_seed0", "gapt_seed1")]
+    assert seeds == [1337, 1338]
