@@ -348,18 +348,21 @@ def gram_entropy(G, alpha=2.0):
     if alpha <= 0:
         raise ValueError(f"alpha must be positive, got {alpha}")
     tr = G.diagonal(dim1=-2, dim2=-1).sum(-1)                        # (...,)
-    fro2 = G.square().sum((-2, -1))                                  # ||G||_F^2, (...,)
-    ok = fro2 != 0                                                   # Z = 0 (or underflow): entropy 0; NaN stays NaN
-    tr, fro2 = torch.where(ok, tr, 1.0), torch.where(ok, fro2, 1.0)  # safe values, no NaN gradients
-    if alpha == 2:
-        S = 2 * torch.log(tr) - torch.log(fro2)
+    if alpha == 2:   # the training path: two reductions of G, then a few ops on (...,)
+        tiny = torch.finfo(tr.dtype).tiny                            # Z = 0: S = log tiny < 0, clamped to 0, gradient 0
+        lt = torch.log(tr.clamp_min(tiny))
+        S = lt + lt - torch.log(G.square().sum((-2, -1)).clamp_min(tiny))   # 2 log tr G - log ||G||_F^2
     else:
-        lam = torch.linalg.eigvalsh(G / tr[..., None, None]).clamp(min=0)   # (..., N)
+        ok, N = tr != 0, G.shape[-1]                                 # Z = 0: entropy 0; NaN stays NaN
+        eye = torch.eye(N, dtype=G.dtype, device=G.device)           # Z = 0 is swapped for the identity: no NaN gradients
+        A = torch.where(ok[..., None, None], G, eye) / torch.where(ok, tr, N)[..., None, None]
+        lam = torch.linalg.eigvalsh(A).clamp(min=0)                  # (..., N)
         if alpha == 1:
             S = -(lam * torch.log(torch.where(lam > 0, lam, 1.0))).sum(-1)   # 0 log 0 = 0
         else:
             S = torch.log(lam.pow(alpha).sum(-1)) / (1 - alpha)
-    return torch.where(ok, S, 0.0).clamp(0.0, math.log(G.shape[-1]))   # clamp: rounding only
+        S = torch.where(ok, S, 0.0)
+    return S.clamp(0.0, math.log(G.shape[-1]))                       # clamp: rounding only (and Z = 0 above)
 
 
 def patch_mbe(h, patch_size=8):
@@ -1165,8 +1168,8 @@ def bench(cfg):
     with torch.no_grad():
         watch = median(lambda: layer_mbe(hs, cfg["layers"], P))
     learn = median(lambda: layer_mbe(hs, cfg["layers"], P).mean().backward())
-    Z = hs[cfg["layers"][0]].detach().reshape(-1, P, D)   # one layer's windows (B*T/P, P, D)
-    G = gram(Z)                                          # and their Gram blocks (B*T/P, P, P)
+    Z = torch.stack([hs[i].detach().reshape(-1, P, D) for i in cfg["layers"]])   # windows (L, B*T/P, P, D)
+    G = gram(Z)                  # the Gram blocks (L, B*T/P, P, P): what layer_mbe hands gram_entropy in training
     with torch.no_grad():
         closed, eig = median(lambda: gram_entropy(G, 2.0)), median(lambda: gram_entropy(G, 1.0))
         closed_z, eig_z = median(lambda: matrix_entropy(Z, 2.0)), median(lambda: matrix_entropy(Z, 1.0))
