@@ -225,6 +225,25 @@ def test_model_is_causal_and_returns_every_block():
     assert torch.allclose(hs[1][:, :10], hs2[1][:, :10], atol=1e-6)
 
 
+def test_compiled_model_gives_the_eager_compression_step():
+    # torch.compile (on by default on CUDA) traces the forward that returns every block's output;
+    # the per-layer MBE sits on top of it uncompiled. aot_eager: dynamo and AOT autograd, no C++ compiler.
+    torch.manual_seed(0)
+    eager = gapt.GPT(gapt.GPTConfig(3, 2, 32, 16, 20, 0.0, True))
+    twin = gapt.GPT(gapt.GPTConfig(3, 2, 32, 16, 20, 0.0, True))
+    twin.load_state_dict(eager.state_dict())
+    compiled = torch.compile(twin, backend="aot_eager")
+    x, y = torch.randint(0, 20, (4, 16)), torch.randint(0, 20, (4, 16))
+    cfg, scaler = {"layers": [1, 2], "patch_size": 8, "mbe_weight": 1.0}, torch.amp.GradScaler("cpu", enabled=False)
+    for phase in (gapt.MEMORIZE, gapt.COMPRESS):
+        got = gapt.micro_step(compiled, x, y, phase, cfg, gapt.nullcontext(), scaler, 1)
+        want = gapt.micro_step(eager, x, y, phase, cfg, gapt.nullcontext(), scaler, 1)
+        assert torch.allclose(torch.stack(got), torch.stack(want), atol=1e-5)
+        for (name, p), q in zip(eager.named_parameters(), twin.parameters()):
+            assert torch.allclose(p.grad, q.grad, atol=1e-5), (phase, name)
+        eager.zero_grad(), twin.zero_grad()
+
+
 def test_overfits_one_batch_and_compression_lowers_mbe():
     torch.manual_seed(0)
     A = data.Arithmetic(0, 24)
