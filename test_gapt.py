@@ -114,6 +114,23 @@ def test_mbe_gradient_descent_compresses():
     assert gapt.matrix_entropy(Z).item() < 0.5 * before
 
 
+def tf32_round(Z):
+    """Z (float32) with its mantissa rounded to TF32's 10 bits: what a GPU's TF32 matmul multiplies."""
+    return ((Z.contiguous().view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def test_tf32_rounding_of_the_gram_inputs_moves_m_far_below_delta_mbe():
+    # on CUDA gapt.py turns TF32 on, so the float32 Gram product rounds its inputs to 10 mantissa bits
+    torch.manual_seed(0)
+    x = torch.randint(0, 50, (16, 64))
+    with torch.no_grad():
+        hs = gapt.GPT(gapt.GPTConfig(4, 4, 128, 64, 50, 0.0, True))(x)[2]
+    exact = gapt.layer_mbe([h.double() for h in hs], [1, 2], 8)
+    rounded = gapt.layer_mbe([tf32_round(h) for h in hs], [1, 2], 8).double()
+    assert tf32_round(torch.tensor([1 + 2 ** -12, 1 + 2 ** -10])).tolist() == [1.0, 1 + 2 ** -10]
+    assert 0 < (rounded - exact).abs().max() < gapt.DEFAULTS["delta_mbe"] / 100
+
+
 def test_patch_mbe_windows():
     torch.manual_seed(6)
     h = torch.randn(2, 16, 8)
