@@ -857,15 +857,15 @@ B, T, P, D = 64, 24, 8, 128          # the default config's batch: (B*T/P, P, P)
 
 
 def test_bench_runs_and_prints_one_table(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(HERE, "gapt.py"), "--bench", "--n_layer=3", "--n_head=2",
+    r = subprocess.run([sys.executable, os.path.join(HERE, "gapt.py"), "--bench", "--n_layer=4", "--n_head=2",
                         "--n_embd=32", "--batch_size=8", "--bench_steps=2", f"--out_dir={tmp_path / 'out'}"],
                        capture_output=True, text=True, timeout=300, cwd=HERE)
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    for line in ("bench: GPT 3 layers x 32", "plain PyTorch", "gapt memorise", "gapt compress", "compress / memorise",
+    for line in ("bench: GPT 4 layers x 32", "plain PyTorch", "gapt memorise", "gapt compress", "compress / memorise",
                  "slower gapt mode / plain", "MBE share of a step", "closed form vs eigenvalue path", "GPU:"):
         assert line in out, f"missing '{line}' in:\n{out}"
-    assert "(24, 8, 8) Gram blocks" in out                       # B*T/P = 8*24/8 windows of one layer
+    assert "(2, 24, 8, 8) Gram blocks" in out                    # layers 1 and 2, B*T/P = 8*24/8 windows each
     if not torch.cuda.is_available():
         assert "GPU: not yet measured" in out
     assert not (tmp_path / "out").exists()                          # trains nothing, writes nothing
