@@ -263,7 +263,9 @@ class TokenShards:
         T = self.block_size
         n = n_tokens // T * T + 1                                # whole windows, +1 for the last target
         tokens = np.concatenate([read_shard(p)[:n] for p in self.val])[:n]
-        if n_tokens < T or len(tokens) < n:
+        if n_tokens < T:
+            raise ValueError(f"fewer than one window of block_size {T} tokens")
+        if len(tokens) < n:
             raise ValueError(f"cannot cut {n_tokens} val tokens into windows of {T}: "
                              f"the val shards have {len(tokens)} of the {n} needed")
         tokens = torch.from_numpy(tokens.astype(np.int64))
@@ -293,8 +295,10 @@ class Unavailable(Exception):
 
 def get_tokenizer(tokenizer_file=None):
     """GPT-2's BPE: tiktoken's own (downloaded once, then cached), or built offline from a
-    .tiktoken ranks file (such as the gpt2.tiktoken that ships with openai-whisper)."""
-    if tokenizer_file is None:
+    .tiktoken ranks file (such as the gpt2.tiktoken that ships with openai-whisper); without
+    one, $GAPT_TOKENIZER_FILE names it."""
+    tokenizer_file = tokenizer_file or os.environ.get("GAPT_TOKENIZER_FILE")
+    if not tokenizer_file:
         try:
             return tiktoken.get_encoding("gpt2")
         except Exception:                     # requests' errors when offline, or whatever else fails
@@ -363,16 +367,30 @@ def pack(token_docs, sizes):
 
 def write_shards(token_docs, out_dir, prefix, shard_size, val_size, max_train=None):
     """Write out_dir/{prefix}_{val|train}_{idx:06d}.bin: the val shard 0 holds the first val_size
-    tokens, then come train shards of shard_size, at most max_train of them."""
-    os.makedirs(out_dir, exist_ok=True)
+    tokens, then come train shards of shard_size, at most max_train of them. gapt.py reads every
+    shard in the folder, so shards of another corpus there are refused (before anything is
+    written) and this corpus's own from an earlier, longer run are removed afterwards."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--out {out_dir}: cannot make this folder ({e.strerror or e})") from None
+    old = {p.name for split in ("train", "val") for p in Path(out_dir).glob(f"*_{split}_*.bin")}
+    others = sorted(n for n in old if not n.startswith(prefix + "_"))
+    if others:
+        raise DataError(f"{out_dir} holds another corpus's shards ({others[0]}, ...): choose another --out")
     train = itertools.repeat(shard_size) if max_train is None else itertools.repeat(shard_size, max_train)
     lengths = []
     for i, shard in enumerate(pack(token_docs, itertools.chain([val_size], train))):
-        write_shard(os.path.join(out_dir, f"{prefix}_{'train' if i else 'val'}_{i:06d}.bin"), shard)
+        name = f"{prefix}_{'train' if i else 'val'}_{i:06d}.bin"
+        write_shard(os.path.join(out_dir, name), shard)
+        old.discard(name)
         lengths.append(len(shard))
     if not lengths:
         raise DataError("no text to write")
-    print(f"{out_dir}: val {lengths[0]:,} tokens, train {sum(lengths[1:]):,} in {len(lengths) - 1} shards")
+    for name in old:                          # left from an earlier run: they would be read as this corpus
+        os.remove(os.path.join(out_dir, name))
+    print(f"{out_dir}: val {lengths[0]:,} tokens, train {sum(lengths[1:]):,} in {len(lengths) - 1} shards"
+          + (f" ({len(old)} older shards removed)" if old else ""))
 
 
 def require(package):
@@ -475,8 +493,14 @@ def positive(s):
     return int(s)
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):                 # one line, not the usage block (its subcommands use it too)
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Make GPT-2 token shards (llm.c's .bin format) for gapt.py.")
+    p = Parser(description="Make GPT-2 token shards (llm.c's .bin format) for gapt.py.")
     sub = p.add_subparsers(dest="source", required=True)
     fw = sub.add_parser("fineweb", help="FineWeb sample-10BT, streamed from Hugging Face and tokenised")
     count = fw.add_mutually_exclusive_group(required=True)
@@ -499,7 +523,7 @@ def main(argv=None):
     tx.set_defaults(run=prepare_text)
     for s in (fw, tx):
         s.add_argument("--shard_size", type=positive, default=10**8, help="tokens per shard (default 10**8)")
-        s.add_argument("--tokenizer_file", default=os.environ.get("GAPT_TOKENIZER_FILE"), help="a GPT-2 "
+        s.add_argument("--tokenizer_file", help="a GPT-2 "
                        ".tiktoken ranks file, to work offline (default: $GAPT_TOKENIZER_FILE)")
     args = p.parse_args(argv)
     if not 0 < getattr(args, "val_fraction", 0.5) < 1:

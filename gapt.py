@@ -12,7 +12,7 @@ Cycles Improve Generalization", arXiv 2505.08727 (2025).
         --total_batch_size=524288 --batch_size=32     # 8 GPUs (nccl), or CPU processes (gloo)
     torchrun --nnodes=2 --node_rank=0 --rdzv_endpoint=HOST:29500 --nproc_per_node=8 gapt.py ...
     python gapt.py --task=forgetting                 # the catastrophic-forgetting toy (an MLP, seconds)
-    python gapt.py --compare=memorize,gapt --seeds=3 # both arms x 3 seeds, a table and figures/<task>.png
+    python gapt.py --compare=memorize,gapt --seeds=3 # both arms x 3 seeds, a table and out/<task>.png
     python gapt.py --bench                           # ms/step: memorise vs compress vs plain PyTorch, MBE share
     python gapt.py --help                            # every flag, its default and meaning
 
@@ -76,7 +76,7 @@ CONFIG = [
     # text task
     ("data_dir", "data/fineweb10B", "directory with *_train_*.bin and *_val_*.bin shards (data.py)"),
     ("val_tokens", 65536, "fixed validation token budget: the same val tokens at every eval"),
-    ("tokenizer_file", "", "a GPT-2 .tiktoken ranks file, for machines that cannot download the BPE"),
+    ("tokenizer_file", "", "a GPT-2 .tiktoken ranks file, for machines that cannot download the BPE ($GAPT_TOKENIZER_FILE)"),
     # forgetting toy
     ("forget_m", 0.8, "task A's teacher is theta0 + m * Delta, task B's theta0 - m * Delta (paper: 0.8)"),
     # optimisation
@@ -98,10 +98,9 @@ CONFIG = [
     # experiments
     ("compare", "", "run these phase modes, e.g. memorize,gapt,compress, x --seeds into out_dir, then a figure"),
     ("seeds", 3, "seeds per arm for --compare (--seed, --seed+1, ...)"),
-    ("fig", "", "figure path for --compare (default figures/<task>.png; figures/cycle.png with --align_interval)"),
+    ("fig", "", "figure path for --compare (default out_dir/<task>.png; cycle.png beside it with --align_interval)"),
 ]
 DEFAULTS = {k: v for k, v, _ in CONFIG}
-HELP = {k: h for k, _, h in CONFIG}
 CHOICES = {"task": ("arithmetic", "text", "forgetting"), "phase_mode": ("gapt", "memorize", "compress"),
            "init_from": ("scratch", "resume"), "dtype": ("auto", "float32", "bfloat16", "float16"),
            "compile": ("auto", "on", "off"), "model": ("tiny", "small", "gpt2")}
@@ -151,7 +150,7 @@ def validate(cfg):
                 "max_bad_steps", "val_tokens", "seeds", "bench_steps"):
         if cfg[key] <= 0:
             raise ConfigError(f"--{key}={cfg[key]}: must be positive")
-    for key in ("n_layer", "n_head", "n_embd", "block_size", "eval_interval", "align_interval",
+    for key in ("seed", "n_layer", "n_head", "n_embd", "block_size", "eval_interval", "align_interval",
                 "total_batch_size", "warmup_iters"):
         if cfg[key] < 0:
             raise ConfigError(f"--{key}={cfg[key]}: must be >= 0")
@@ -164,6 +163,8 @@ def validate(cfg):
     for key in ("beta1", "beta2"):
         if not 0 <= cfg[key] < 1:
             raise ConfigError(f"--{key}={cfg[key]}: must be in [0, 1)")
+    if not cfg["out_dir"].strip():
+        raise ConfigError("--out_dir is empty: name a folder for the run")
     if cfg["learning_rate"] <= 0:
         raise ConfigError(f"--learning_rate={cfg['learning_rate']}: must be positive")
     if not 0 <= cfg["dropout"] < 1:
@@ -385,7 +386,7 @@ def layer_mbe(hs, layers, patch_size):
 # of least entropy among those that predict optimally:  min MBE  s.t.  CE = CE*.
 # GAPT does not solve that constrained problem at once; it alternates. In the
 # memorisation phase it minimises CE alone (approach the constraint); in the
-# compression phase it adds the MBE term, L = CE + beta * M (descend the
+# compression phase it adds the MBE term, L = CE + mbe_weight * M (descend the
 # objective while CE stays in the loss, so prediction is held near its best).
 # The controller below watches CE to leave the compression phase as soon as
 # the constraint is visibly violated: a penalty method with a gate.
@@ -638,6 +639,29 @@ class Logger:
             print(*a, flush=True)
 
 
+def make_dir(path, flag):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--{flag}={path}: cannot make this folder ({e.strerror or e})") from None
+
+
+def open_run(cfg, master, resume_step=None):
+    """out_dir with the run's config.json, and its Logger. A fresh run removes a checkpoint left
+    there by an earlier run: --init_from=resume must never pair it with this run's log."""
+    if master:
+        make_dir(cfg["out_dir"], "out_dir")
+        stale = os.path.join(cfg["out_dir"], "ckpt.pt")
+        if resume_step is None and os.path.exists(stale):
+            os.remove(stale)
+            print(f"{stale}: an earlier run's checkpoint, removed (this run starts from scratch)")
+        with open(os.path.join(cfg["out_dir"], "config.json"), "w") as f:
+            json.dump(cfg, f, indent=1)
+    log = Logger(cfg["out_dir"], master, resume_step)
+    log.print(f"config: {json.dumps({k: cfg[k] for k in DEFAULTS})}")
+    return log
+
+
 def all_mean(t, ddp, world):
     """Mean over ranks. gloo has no ReduceOp.AVG: sum, then divide."""
     if ddp:
@@ -714,18 +738,13 @@ def train(cfg):
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    os.makedirs(cfg["out_dir"], exist_ok=True)
-    log = Logger(cfg["out_dir"], master, step if ck else None)
-    if master:
-        with open(os.path.join(cfg["out_dir"], "config.json"), "w") as f:
-            json.dump(cfg, f, indent=1)
-    log.print(f"config: {json.dumps({k: cfg[k] for k in DEFAULTS})}")
+    log = open_run(cfg, master, step if ck else None)
     log.print(f"torch {torch.__version__} | device {device} | dtype {cfg['dtype']} | processes {world} | "
               f"{raw.num_params():,} parameters | MBE on layers {cfg['layers']} of {cfg['n_layer']}")
     log.print(f"batch: {total:,} tokens/step = {B} seqs x {T} tokens x {world} processes x {accum} accumulation steps")
     if step == 0 and cfg["eval_interval"] and master:
         log.record(kind="eval", step=0, **run_eval(raw, evals, cfg, device, ctx))
-    bad, t_start, switches = 0, time.time(), 0
+    bad, t_start, start, switches = 0, time.time(), step, 0
     while step < cfg["max_iters"]:
         t0 = time.time()
         lr = get_lr(step, cfg)
@@ -777,7 +796,7 @@ def train(cfg):
                 log.print(f"eval {step:>5} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not isinstance(v, list)))
             save(cfg, raw, optimizer, controller, scaler, data, step, ddp, world, master)
     if master:
-        summary(cfg, time.time() - t_start, switches)
+        summary(cfg, time.time() - t_start, start, switches)
         if cfg["task"] == "text":
             print_samples(raw, evals["val"][0][0], cfg, device)
     if ddp:
@@ -809,7 +828,8 @@ def read_log(run_dir, kind):
 
 
 def phase_spans(steps, phases):
-    """[(first, last)] step ranges spent in the compression phase, for shading."""
+    """[(start, end)] of each compression phase, for shading: its first step and the step after
+    its last (or the final step)."""
     spans, start = [], None
     for s, p in zip(steps, phases):
         if p == COMPRESS and start is None:
@@ -822,11 +842,13 @@ def phase_spans(steps, phases):
     return spans
 
 
-def summary(cfg, seconds, switches):
+def summary(cfg, seconds, start, switches):
+    """The session's steps, time and phase switches; compression share and final eval of the whole run."""
     train_recs, eval_recs = read_log(cfg["out_dir"], "train"), read_log(cfg["out_dir"], "eval")
     compress = sum(r["phase"] == COMPRESS for r in train_recs)
     print("-" * 72)
-    print(f"done: {cfg['max_iters']} steps in {seconds:.0f} s | phase switches {switches} | "
+    since = f" from step {start}" if start else ""
+    print(f"done: {cfg['max_iters'] - start} steps{since} in {seconds:.0f} s | phase switches {switches} | "
           f"compression {100 * compress / max(1, len(train_recs)):.0f}% of steps")
     if eval_recs:
         print("final eval: " + " | ".join(f"{k} {v:.4f}" for k, v in eval_recs[-1].items()
@@ -950,6 +972,8 @@ def train_forgetting(cfg):
     import data
     if cfg["init_from"] == "resume":
         raise ConfigError("--task=forgetting takes seconds and keeps no checkpoint: run it again, without --init_from")
+    if cfg["device"] not in ("auto", "cpu"):
+        raise ConfigError(f"--device={cfg['device']}: --task=forgetting is a 10 -> 50 -> 1 MLP and runs on the CPU")
     n_in, n_hidden = 10, 50                                            # the paper's teacher, and so the student
     d = data.forgetting_data(cfg["seed"], n_in, n_hidden, cfg["forget_m"])
     if len(d["xa"]) % cfg["patch_size"] or len(d["xa_test"]) % cfg["patch_size"]:
@@ -957,11 +981,7 @@ def train_forgetting(cfg):
     torch.set_num_threads(1)   # matmuls this small only wait on each other in threads (20x slower on 2 busy cores)
     torch.manual_seed(cfg["seed"])
     model = Student(n_in, n_hidden)
-    os.makedirs(cfg["out_dir"], exist_ok=True)
-    log = Logger(cfg["out_dir"], True)
-    with open(os.path.join(cfg["out_dir"], "config.json"), "w") as f:
-        json.dump(cfg, f, indent=1)
-    log.print(f"config: {json.dumps({k: cfg[k] for k in DEFAULTS})}")
+    log = open_run(cfg, True)
     log.print(f"forgetting toy: {n_in} -> {n_hidden} -> 1 student, {len(d['xa'])} samples per task, "
               f"{cfg['max_iters']} steps on A then on B, MBE over windows of {cfg['patch_size']} samples")
     step = fit_task(model, d["xa"], d["ya"], cfg, log, "A", 0)
@@ -985,6 +1005,8 @@ def compare(cfg):
         raise ConfigError(f"--compare={cfg['compare']}: a comma list of {' | '.join(CHOICES['phase_mode'])}")
     if "RANK" in os.environ:
         raise ConfigError("--compare runs its arms one after another: launch it with python, not torchrun")
+    path = cfg["fig"] or os.path.join(cfg["out_dir"], cfg["task"] + ".png")
+    make_dir(os.path.dirname(path) or ".", "fig")                     # before the runs, not after
     dirs = {arm: [] for arm in arms}
     for s in range(cfg["seeds"]):
         for arm in arms:   # seeds outer: a stopped comparison still has every arm for the seeds done
@@ -998,8 +1020,6 @@ def compare(cfg):
     table = compare_table(dirs)
     with open(os.path.join(cfg["out_dir"], "results.json"), "w") as f:
         json.dump(table, f, indent=1)
-    path = cfg["fig"] or os.path.join("figures", cfg["task"] + ".png")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     plot_compare(dirs, cfg, path)
     print(f"figure: {path}\nresults: {os.path.join(cfg['out_dir'], 'results.json')}")
     if cfg["align_interval"] and cfg["task"] != "forgetting":

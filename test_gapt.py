@@ -374,13 +374,36 @@ def test_help_lists_every_flag():
     (["--block_size=8"], "needs --block_size >= 19"),
     (["--digits_max=1", "--n_eval=2000"], "smaller --n_eval"),
     (["--task=forgetting", "--init_from=resume"], "keeps no checkpoint"),
+    (["--task=forgetting", "--device=cuda"], "runs on the CPU"),
+    (["--seed=-1"], "must be >= 0"),
 ])
-def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, args, msg):
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, args, msg):
     out = tmp_path / "run"
-    r = run_gapt(*args, f"--out_dir={out}")
-    assert r.returncode == 2, r.stderr
-    assert msg in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    code, err = gapt.main([*args, f"--out_dir={out}"]), capsys.readouterr().err   # main() as `python gapt.py` runs it
+    assert code == 2, err
+    assert msg in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not out.exists()
+
+
+def test_unusable_output_paths_are_one_line_errors(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    for args in ([f"--out_dir={afile}"], [f"--out_dir={afile / 'sub'}"], ["--out_dir="],
+                 ["--compare=memorize", "--seeds=1", f"--out_dir={tmp_path / 'cmp'}", f"--fig={afile / 'x.png'}"]):
+        code, err = gapt.main([*TINY, "--max_iters=2", *args]), capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert afile.read_text() == "keep" and not (tmp_path / "cmp").exists()   # the comparison never started
+
+
+def test_fresh_run_removes_an_earlier_runs_checkpoint(tmp_path):
+    # else --init_from=resume would pair the arithmetic checkpoint with the toy's log
+    out = tmp_path / "run"
+    assert run_gapt(*TINY, "--max_iters=4", "--eval_interval=2", f"--out_dir={out}").returncode == 0
+    assert (out / "ckpt.pt").exists()
+    r = run_gapt("--task=forgetting", "--max_iters=20", f"--out_dir={out}")
+    assert r.returncode == 0 and "removed" in r.stdout and not (out / "ckpt.pt").exists(), r.stderr
+    r = run_gapt(*TINY, "--init_from=resume", "--max_iters=6", f"--out_dir={out}")
+    assert r.returncode == 2 and "no checkpoint" in r.stderr
 
 
 def test_parse_accepts_int_for_float_and_bools():
@@ -603,6 +626,29 @@ def test_text_cli(text_dir):
     assert data.read_shard(val[0])[:20].tolist() == ([50256] + enc.encode_ordinary(docs[0]))[:20]
     # every document once, in order, each after an <|endoftext|>, across the shard boundaries
     assert enc.decode(all_tokens(out_dir).tolist()) == "".join(EOT_TEXT + d for d in docs)
+
+
+def test_rewriting_shards_removes_stale_ones_and_refuses_another_corpus(tmp_path, capsys):
+    out = tmp_path / "out"
+    (tmp_path / "long.txt").write_text("\n\n".join(corpus(200)))
+    (tmp_path / "short.txt").write_text("hello world\n")
+    assert data.main(["text", str(tmp_path / "long.txt"), "--out", str(out), "--shard_size", "500",
+                      "--tokenizer_file", tokenizer_file()]) == 0
+    assert len(data.find_shards(out, "train")) >= 3
+    assert data.main(["text", str(tmp_path / "short.txt"), "--out", str(out), "--tokenizer_file", tokenizer_file()]) == 0
+    assert "older shards removed" in capsys.readouterr().out
+    assert [Path(p).name for p in data.find_shards(out, "train")] == ["text_train_000001.bin"]
+    assert len(all_tokens(out)) == 3                                # <|endoftext|> hello world, nothing older
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "fineweb_train_000001.bin").write_bytes(b"")
+    assert data.main(["text", str(tmp_path / "short.txt"), "--out", str(out), "--tokenizer_file", tokenizer_file()]) == 2
+    one_line_error(2, capsys.readouterr().err, 2, "another corpus")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in before} == before
+    assert data.main(["text", str(tmp_path / "short.txt"), "--out", str(tmp_path / "short.txt" / "x"),
+                      "--tokenizer_file", tokenizer_file()]) == 2
+    one_line_error(2, capsys.readouterr().err, 2, "cannot make this folder")
+    code, _, err = run_data("text", tmp_path / "short.txt", "--shard_size", "abc")
+    one_line_error(code, err, 2, "--shard_size")
 
 
 @pytest.mark.parametrize("val_fraction, split", [("0.1", (1, 2)), ("0.9", (2, 1))])
@@ -952,7 +998,8 @@ def test_mbe_forms_nothing_larger_than_the_gram_blocks(grad):
 def test_text_task_bad_sizes_are_one_line_errors(text_dir, tmp_path):
     shards, _ = text_dir
     for flags, msg in ((["--block_size=16", "--val_tokens=100000000"], "--val_tokens"),
-                       (["--block_size=400000"], "fewer than block_size")):
+                       (["--block_size=400000"], "fewer than block_size"),
+                       (["--block_size=64", "--val_tokens=10"], "fewer than one window")):
         r = run_gapt("--task=text", f"--data_dir={shards}", "--n_layer=2", "--n_head=2", "--n_embd=32",
                      *flags, f"--out_dir={tmp_path / 'run'}")
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
