@@ -1025,6 +1025,9 @@ def compare(cfg):
     if cfg["align_interval"] and cfg["task"] != "forgetting":
         plot_cycle(dirs, os.path.join(os.path.dirname(path), "cycle.png"))
         print(f"figure: {os.path.join(os.path.dirname(path), 'cycle.png')}")
+        for arm, outs in dirs.items():
+            for s, out in enumerate(outs):
+                print(f"cycle, {arm} seed {s}: " + cycle_stats([r["cos"] for r in read_log(out, "align")]))
 
 
 def sd(v):
@@ -1055,6 +1058,15 @@ def mean_curve(outs, kind, key):
     n = min(map(len, recs))
     vals = np.array([[r[key] for r in rs[:n]] for rs in recs])
     return [r["step"] for r in recs[0][:n]], vals.mean(0), sd(vals)
+
+
+def cycle_stats(cos):
+    """How the gradient alignment behaves over a run: a slow cycle shows as few sign changes and a
+    lag-1 autocorrelation near 1; step-to-step noise as many changes and an autocorrelation near 0."""
+    c = np.asarray(cos)
+    changes = int((np.sign(c[1:]) != np.sign(c[:-1])).sum())
+    lag1 = np.corrcoef(c[:-1], c[1:])[0, 1] if len(c) > 2 else float("nan")
+    return f"cos > 0 in {(c > 0).mean():.0%} of {len(c)} measurements, {changes} sign changes, lag-1 autocorrelation {lag1:.2f}"
 
 
 def plot_cycle(dirs, path):

@@ -1006,6 +1006,13 @@ def test_text_task_bad_sizes_are_one_line_errors(text_dir, tmp_path):
         assert not (tmp_path / "run").exists()
 
 
+def test_cycle_stats_tell_a_slow_cycle_from_noise():
+    assert gapt.cycle_stats([0.1, -0.1] * 4) == ("cos > 0 in 50% of 8 measurements, 7 sign changes, "
+                                                 "lag-1 autocorrelation -1.00")
+    slow = gapt.cycle_stats(np.sin(np.linspace(0.5, 4 * np.pi - 0.5, 100)))   # two periods
+    assert "3 sign changes" in slow and float(slow.split()[-1]) > 0.95
+
+
 def test_compare_runs_every_arm_and_seed_then_table_and_figures(tmp_path):
     out, fig = tmp_path / "cmp", tmp_path / "figs" / "arith.png"
     r = run_gapt(*TINY, "--max_iters=12", "--eval_interval=6", "--align_interval=6", "--p_m=2", "--p_c=2",
@@ -1015,5 +1022,6 @@ def test_compare_runs_every_arm_and_seed_then_table_and_figures(tmp_path):
     table = json.loads((out / "results.json").read_text())
     assert set(table) == {"memorize", "gapt"} and len(table["gapt"]["id_ce"]) == 2   # (mean, std)
     assert "| memorize |" in r.stdout and fig.stat().st_size > 0 and (fig.parent / "cycle.png").exists()
+    assert "cycle, gapt seed 1: cos > 0 in" in r.stdout
     seeds = [json.loads((out / d / "config.json").read_text())["seed"] for d in ("gapt_seed0", "gapt_seed1")]
     assert seeds == [1337, 1338]
