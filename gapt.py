@@ -702,6 +702,30 @@ def micro_step(model, x, y, phase, cfg, ctx, scaler, accum):
     return ce.detach().float(), M.detach()
 
 
+def resume(ck, data, scaler, rank, world):
+    """Continue where checkpoint ck stopped: this rank's data stream and RNG, the grad scaler. Returns the step."""
+    if len(ck["ranks"]) == world:
+        data.load_state_dict(ck["ranks"][rank]["data"])
+        set_rng_state(ck["ranks"][rank]["rng"])
+    elif rank == 0:   # another number of processes: each rank keeps its own fresh data stream
+        print(f"resume: checkpoint from {len(ck['ranks'])} processes, now {world}: data streams restart")
+    scaler.load_state_dict(ck["scaler"])
+    return ck["step"]
+
+
+def update(raw, optimizer, scaler, cfg, ce, mbe):
+    """Clip the gradient and step, unless CE, M or the gradient norm is not finite: then the update
+    is skipped (with fp16, the grad scaler handles an overflow itself). Returns (norm, stepped)."""
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"] or math.inf).item()
+    stepped = math.isfinite(ce) and math.isfinite(mbe) and (math.isfinite(norm) or scaler.is_enabled())
+    if stepped:
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return norm, stepped
+
+
 def train(cfg):
     device, ctx, scaler, (ddp, rank, world) = setup_device(cfg)
     master = rank == 0
@@ -722,15 +746,7 @@ def train(cfg):
     data = make_data(cfg, rank, world)
     model, optimizer, controller = build(cfg, device, ck)
     phase = {"gapt": controller.phase, "memorize": MEMORIZE, "compress": COMPRESS}[cfg["phase_mode"]]
-    step = 0
-    if ck:
-        step = ck["step"]
-        if len(ck["ranks"]) == world:
-            data.load_state_dict(ck["ranks"][rank]["data"])
-            set_rng_state(ck["ranks"][rank]["rng"])
-        elif rank == 0:   # another number of processes: each rank keeps its own fresh data stream
-            print(f"resume: checkpoint from {len(ck['ranks'])} processes, now {world}: data streams restart")
-        scaler.load_state_dict(ck["scaler"])
+    step = resume(ck, data, scaler, rank, world) if ck else 0
     evals = eval_batches(cfg, data)                # before anything is written: a bad size is bad input
     raw = model                                    # uncompiled, unwrapped: what checkpoints hold
     if cfg["compile"] == "on" or (cfg["compile"] == "auto" and device.type == "cuda"):
@@ -760,10 +776,8 @@ def train(cfg):
         ce, mbe, phase_mean = all_mean(stats, ddp, world).tolist()
         if abs(phase_mean - phase) > 1e-6:       # every rank reads the same all-reduced CE and M
             raise TrainingError(f"step {step}: processes disagree about the phase (mean {phase_mean}, this one {phase})")
-        scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"] or math.inf).item()
-        if not (math.isfinite(ce) and math.isfinite(mbe) and (math.isfinite(norm) or scaler.is_enabled())):
-            optimizer.zero_grad(set_to_none=True)  # skip the update; the controller never sees the values
+        norm, stepped = update(raw, optimizer, scaler, cfg, ce, mbe)
+        if not stepped:                            # the controller never sees these values
             bad += 1
             log.record(kind="skip", step=step, ce=ce, mbe=mbe, grad_norm=norm)
             log.print(f"step {step}: non-finite ce={ce} mbe={mbe} grad_norm={norm}: update skipped ({bad}/{cfg['max_bad_steps']})")
@@ -771,11 +785,7 @@ def train(cfg):
                 raise TrainingError(f"stopped after {bad} consecutive non-finite steps (try a lower --learning_rate); "
                                     f"the last good checkpoint, if any, is {os.path.join(cfg['out_dir'], 'ckpt.pt')}")
             continue
-        bad = 0
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        used = phase
+        bad, used = 0, phase
         if cfg["phase_mode"] == "gapt":
             phase = controller.step(ce, mbe)
             switches += phase != used
@@ -1155,13 +1165,8 @@ def bench(cfg):
     x, y = (torch.randint(cfg["vocab_size"], (B, T), device=device) for _ in range(2))
     clip = cfg["grad_clip"] or math.inf
 
-    def gapt_step(phase):   # as in train(): micro_step, CE, M and the gradient norm read on the host, AdamW
-        torch.stack(micro_step(model, x, y, phase, cfg, ctx, scaler, 1)).tolist()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(raw.parameters(), clip).item()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+    def gapt_step(phase):   # as in train(): micro_step, CE and M read on the host, update
+        update(raw, optimizer, scaler, cfg, *torch.stack(micro_step(model, x, y, phase, cfg, ctx, scaler, 1)).tolist())
 
     def plain_step():       # the reference: a plain PyTorch loop on the same model, CE only, nothing read
         with ctx:
