@@ -16,6 +16,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -310,7 +311,7 @@ def get_tokenizer(tokenizer_file=None):
         enc = tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, special_tokens={"<|endoftext|>": EOT},
                                 mergeable_ranks=load_tiktoken_bpe(str(tokenizer_file)))
     except (OSError, ValueError) as e:
-        raise DataError(f"cannot read tokenizer file {tokenizer_file}: {e}") from None
+        raise DataError(f"cannot read tokenizer file {tokenizer_file} (--tokenizer_file or $GAPT_TOKENIZER_FILE): {e}") from None
     if enc.max_token_value != EOT:
         raise DataError(f"{tokenizer_file} is not GPT-2's 50257-token vocabulary")
     return enc
@@ -365,32 +366,44 @@ def pack(token_docs, sizes):
         yield shard[:fill]
 
 
-def write_shards(token_docs, out_dir, prefix, shard_size, val_size, max_train=None):
-    """Write out_dir/{prefix}_{val|train}_{idx:06d}.bin: the val shard 0 holds the first val_size
-    tokens, then come train shards of shard_size, at most max_train of them. gapt.py reads every
-    shard in the folder, so shards of another corpus there are refused (before anything is
-    written) and this corpus's own from an earlier, longer run are removed afterwards."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"--out {out_dir}: cannot make this folder ({e.strerror or e})") from None
+def claim(out_dir, prefix):
+    """The names of the shards already in out_dir, all of this corpus: gapt.py reads every shard in a
+    folder, so another corpus's there is refused, before anything is downloaded or written."""
     old = {p.name for split in ("train", "val") for p in Path(out_dir).glob(f"*_{split}_*.bin")}
     others = sorted(n for n in old if not n.startswith(prefix + "_"))
     if others:
         raise DataError(f"{out_dir} holds another corpus's shards ({others[0]}, ...): choose another --out")
+    return old
+
+
+def write_shards(token_docs, out_dir, prefix, shard_size, val_size, max_train=None):
+    """Write out_dir/{prefix}_{val|train}_{idx:06d}.bin: the val shard 0 holds the first val_size
+    tokens, then come train shards of shard_size, at most max_train of them. They are written to
+    out_dir/.partial and moved in place at the end, replacing this corpus's older shards: a run
+    stopped half-way leaves the earlier corpus whole, never a mix of the two."""
+    old, staging = claim(out_dir, prefix), os.path.join(out_dir, ".partial")
+    try:
+        shutil.rmtree(staging, ignore_errors=True)           # what a stopped run left
+        os.makedirs(staging)
+    except OSError as e:
+        raise DataError(f"--out {out_dir}: cannot make this folder ({e.strerror or e})") from None
     train = itertools.repeat(shard_size) if max_train is None else itertools.repeat(shard_size, max_train)
-    lengths = []
+    names, lengths = [], []
     for i, shard in enumerate(pack(token_docs, itertools.chain([val_size], train))):
-        name = f"{prefix}_{'train' if i else 'val'}_{i:06d}.bin"
-        write_shard(os.path.join(out_dir, name), shard)
-        old.discard(name)
+        names.append(f"{prefix}_{'train' if i else 'val'}_{i:06d}.bin")
+        write_shard(os.path.join(staging, names[-1]), shard)
         lengths.append(len(shard))
     if not lengths:
+        shutil.rmtree(staging)
         raise DataError("no text to write")
-    for name in old:                          # left from an earlier run: they would be read as this corpus
+    stale = old - set(names)
+    for name in stale:
         os.remove(os.path.join(out_dir, name))
+    for name in names:
+        os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    os.rmdir(staging)
     print(f"{out_dir}: val {lengths[0]:,} tokens, train {sum(lengths[1:]):,} in {len(lengths) - 1} shards"
-          + (f" ({len(old)} older shards removed)" if old else ""))
+          + (f" ({len(stale)} older shards removed)" if stale else ""))
 
 
 def require(package):
@@ -455,6 +468,7 @@ def prepare_fineweb(args):
     out_dir = args.out or ("data/edu_fineweb10B" if args.edu else "data/fineweb10B")
     if args.cached:
         return download_cached(args.cached, out_dir)
+    claim(out_dir, "fineweb")
     if args.local:
         docs = file_docs(args.local)
     else:                                     # streamed: a small --shards downloads only what it needs
@@ -475,6 +489,7 @@ def prepare_fineweb(args):
 
 
 def prepare_text(args):
+    claim(args.out, "text")
     docs = [d.strip() for path in args.files for d in file_docs(path) if d.strip()]
     if not docs:
         raise DataError(f"no text in {' '.join(args.files)}")

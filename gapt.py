@@ -354,7 +354,7 @@ def gram_entropy(G, alpha=2.0):
         lt = torch.log(tr.clamp_min(tiny))
         S = lt + lt - torch.log(G.square().sum((-2, -1)).clamp_min(tiny))   # 2 log tr G - log ||G||_F^2
     else:
-        ok, N = tr != 0, G.shape[-1]                                 # Z = 0: entropy 0; NaN stays NaN
+        ok, N = G.square().sum((-2, -1)) != 0, G.shape[-1]           # Z = 0 (or underflow): 0; NaN stays NaN
         eye = torch.eye(N, dtype=G.dtype, device=G.device)           # Z = 0 is swapped for the identity: no NaN gradients
         A = torch.where(ok[..., None, None], G, eye) / torch.where(ok, tr, N)[..., None, None]
         lam = torch.linalg.eigvalsh(A).clamp(min=0)                  # (..., N)
@@ -646,15 +646,31 @@ def make_dir(path, flag):
         raise ConfigError(f"--{flag}={path}: cannot make this folder ({e.strerror or e})") from None
 
 
+def check_dir(path, flag):
+    """Fail now, with nothing written, if make_dir(path) would fail later: the nearest existing
+    ancestor must be a writable folder."""
+    head = os.path.abspath(path)
+    while not os.path.exists(head):
+        head = os.path.dirname(head)
+    if not (os.path.isdir(head) and os.access(head, os.W_OK)):
+        raise ConfigError(f"--{flag}={path}: cannot make this folder ({head} is not a writable folder)")
+
+
+def retire_checkpoint(out_dir):
+    """An earlier run's ckpt.pt becomes ckpt.prev.pt: --init_from=resume must never pair it with
+    a new run's log, and a forgotten --init_from=resume must not cost it."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if os.path.exists(path):
+        os.replace(path, os.path.join(out_dir, "ckpt.prev.pt"))
+        print(f"{path}: an earlier run's checkpoint, kept as ckpt.prev.pt (this run starts from scratch)")
+
+
 def open_run(cfg, master, resume_step=None):
-    """out_dir with the run's config.json, and its Logger. A fresh run removes a checkpoint left
-    there by an earlier run: --init_from=resume must never pair it with this run's log."""
+    """out_dir with the run's config.json, and its Logger; a fresh run retires an earlier checkpoint."""
     if master:
         make_dir(cfg["out_dir"], "out_dir")
-        stale = os.path.join(cfg["out_dir"], "ckpt.pt")
-        if resume_step is None and os.path.exists(stale):
-            os.remove(stale)
-            print(f"{stale}: an earlier run's checkpoint, removed (this run starts from scratch)")
+        if resume_step is None:
+            retire_checkpoint(cfg["out_dir"])
         with open(os.path.join(cfg["out_dir"], "config.json"), "w") as f:
             json.dump(cfg, f, indent=1)
     log = Logger(cfg["out_dir"], master, resume_step)
@@ -721,7 +737,7 @@ def update(raw, optimizer, scaler, cfg, ce, mbe):
     stepped = math.isfinite(ce) and math.isfinite(mbe) and (math.isfinite(norm) or scaler.is_enabled())
     if stepped:
         scaler.step(optimizer)
-        scaler.update()
+    scaler.update()                  # also after a skip: it closes the unscale_ above (a no-op without fp16)
     optimizer.zero_grad(set_to_none=True)
     return norm, stepped
 
@@ -858,7 +874,7 @@ def summary(cfg, seconds, start, switches):
     compress = sum(r["phase"] == COMPRESS for r in train_recs)
     print("-" * 72)
     since = f" from step {start}" if start else ""
-    print(f"done: {cfg['max_iters'] - start} steps{since} in {seconds:.0f} s | phase switches {switches} | "
+    print(f"done: {max(0, cfg['max_iters'] - start)} steps{since} in {seconds:.0f} s | phase switches {switches} | "
           f"compression {100 * compress / max(1, len(train_recs)):.0f}% of steps")
     if eval_recs:
         print("final eval: " + " | ".join(f"{k} {v:.4f}" for k, v in eval_recs[-1].items()
@@ -1016,20 +1032,25 @@ def compare(cfg):
     if "RANK" in os.environ:
         raise ConfigError("--compare runs its arms one after another: launch it with python, not torchrun")
     path = cfg["fig"] or os.path.join(cfg["out_dir"], cfg["task"] + ".png")
-    make_dir(os.path.dirname(path) or ".", "fig")                     # before the runs, not after
+    check_dir(cfg["out_dir"], "out_dir")
+    check_dir(os.path.dirname(path) or ".", "fig" if cfg["fig"] else "out_dir")   # before the runs, not after
+    runs = [(arm, s, os.path.join(cfg["out_dir"], f"{arm}_seed{s}"))   # seeds outer: a stopped comparison
+            for s in range(cfg["seeds"]) for arm in arms]              # has every arm for the seeds done
+    if cfg["init_from"] != "resume":   # a fresh comparison: no arm may later resume an earlier one's run
+        for _, _, out in runs:
+            retire_checkpoint(out)
     dirs = {arm: [] for arm in arms}
-    for s in range(cfg["seeds"]):
-        for arm in arms:   # seeds outer: a stopped comparison still has every arm for the seeds done
-            out = os.path.join(cfg["out_dir"], f"{arm}_seed{s}")
-            print(f"=== {arm}, seed {cfg['seed'] + s} -> {out}", flush=True)
-            run = train_forgetting if cfg["task"] == "forgetting" else train
-            resume = cfg["init_from"] == "resume" and os.path.exists(os.path.join(out, "ckpt.pt"))
-            run(dict(cfg, phase_mode=arm, seed=cfg["seed"] + s, out_dir=out, compare="",
-                     init_from="resume" if resume else "scratch"))   # resume a stopped comparison
-            dirs[arm].append(out)
+    for arm, s, out in runs:
+        print(f"=== {arm}, seed {cfg['seed'] + s} -> {out}", flush=True)
+        run = train_forgetting if cfg["task"] == "forgetting" else train
+        resume = cfg["init_from"] == "resume" and os.path.exists(os.path.join(out, "ckpt.pt"))
+        run(dict(cfg, phase_mode=arm, seed=cfg["seed"] + s, out_dir=out, compare="",
+                 init_from="resume" if resume else "scratch"))   # resume a stopped comparison
+        dirs[arm].append(out)
     table = compare_table(dirs)
     with open(os.path.join(cfg["out_dir"], "results.json"), "w") as f:
         json.dump(table, f, indent=1)
+    make_dir(os.path.dirname(path) or ".", "fig")
     plot_compare(dirs, cfg, path)
     print(f"figure: {path}\nresults: {os.path.join(cfg['out_dir'], 'results.json')}")
     if cfg["align_interval"] and cfg["task"] != "forgetting":
@@ -1037,7 +1058,7 @@ def compare(cfg):
         print(f"figure: {os.path.join(os.path.dirname(path), 'cycle.png')}")
         for arm, outs in dirs.items():
             for s, out in enumerate(outs):
-                print(f"cycle, {arm} seed {s}: " + cycle_stats([r["cos"] for r in read_log(out, "align")]))
+                print(f"cycle, {arm} seed {cfg['seed'] + s}: " + cycle_stats([r["cos"] for r in read_log(out, "align")]))
 
 
 def sd(v):
@@ -1073,9 +1094,11 @@ def mean_curve(outs, kind, key):
 def cycle_stats(cos):
     """How the gradient alignment behaves over a run: a slow cycle shows as few sign changes and a
     lag-1 autocorrelation near 1; step-to-step noise as many changes and an autocorrelation near 0."""
-    c = np.asarray(cos)
-    changes = int((np.sign(c[1:]) != np.sign(c[:-1])).sum())
-    lag1 = np.corrcoef(c[:-1], c[1:])[0, 1] if len(c) > 2 else float("nan")
+    c = np.asarray(cos, dtype=float)
+    if len(c) < 3:
+        return f"{len(c)} measurements, too few (lower --align_interval)"
+    changes = int(((c[1:] > 0) != (c[:-1] > 0)).sum())
+    lag1 = np.corrcoef(c[:-1], c[1:])[0, 1]
     return f"cos > 0 in {(c > 0).mean():.0%} of {len(c)} measurements, {changes} sign changes, lag-1 autocorrelation {lag1:.2f}"
 
 

@@ -242,6 +242,7 @@ def test_model_is_causal_and_returns_every_block():
     assert torch.allclose(hs[1][:, :10], hs2[1][:, :10], atol=1e-6)
 
 
+@pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile is not supported here")
 def test_compiled_model_gives_the_eager_compression_step():
     # torch.compile (on by default on CUDA) traces the forward that returns every block's output;
     # the per-layer MBE sits on top of it uncompiled. aot_eager: dynamo and AOT autograd, no C++ compiler.
@@ -379,7 +380,7 @@ def test_help_lists_every_flag():
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, args, msg):
     out = tmp_path / "run"
-    code, err = gapt.main([*args, f"--out_dir={out}"]), capsys.readouterr().err   # main() as `python gapt.py` runs it
+    code, err = gapt.main(["--device=cpu", *args, f"--out_dir={out}"]), capsys.readouterr().err   # as `python gapt.py`
     assert code == 2, err
     assert msg in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not out.exists()
@@ -388,11 +389,13 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, args, ms
 def test_unusable_output_paths_are_one_line_errors(tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("keep")
-    for args in ([f"--out_dir={afile}"], [f"--out_dir={afile / 'sub'}"], ["--out_dir="],
-                 ["--compare=memorize", "--seeds=1", f"--out_dir={tmp_path / 'cmp'}", f"--fig={afile / 'x.png'}"]):
-        code, err = gapt.main([*TINY, "--max_iters=2", *args]), capsys.readouterr().err
-        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    assert afile.read_text() == "keep" and not (tmp_path / "cmp").exists()   # the comparison never started
+    for args, flag in (([f"--out_dir={afile}"], "--out_dir"), ([f"--out_dir={afile / 'sub'}"], "--out_dir"),
+                       (["--out_dir="], "--out_dir"), (["--compare=memorize", f"--out_dir={afile}"], "--out_dir"),
+                       (["--compare=memorize", f"--out_dir={tmp_path / 'cmp'}", f"--fig={afile / 'x.png'}"], "--fig"),
+                       (["--compare=memorize", f"--out_dir={tmp_path / 'cmp'}", "--block_size=8"], "--block_size")):
+        code, err = gapt.main(["--device=cpu", *TINY, "--max_iters=2", "--seeds=1", *args]), capsys.readouterr().err
+        assert code == 2 and err.startswith("error: ") and flag in err and len(err.strip().splitlines()) == 1, err
+    assert afile.read_text() == "keep" and not (tmp_path / "cmp").exists()   # no comparison started
 
 
 def test_fresh_run_removes_an_earlier_runs_checkpoint(tmp_path):
@@ -401,9 +404,41 @@ def test_fresh_run_removes_an_earlier_runs_checkpoint(tmp_path):
     assert run_gapt(*TINY, "--max_iters=4", "--eval_interval=2", f"--out_dir={out}").returncode == 0
     assert (out / "ckpt.pt").exists()
     r = run_gapt("--task=forgetting", "--max_iters=20", f"--out_dir={out}")
-    assert r.returncode == 0 and "removed" in r.stdout and not (out / "ckpt.pt").exists(), r.stderr
+    assert r.returncode == 0 and "kept as ckpt.prev.pt" in r.stdout and not (out / "ckpt.pt").exists(), r.stderr
+    assert torch.load(out / "ckpt.prev.pt", weights_only=False)["step"] == 4      # retired, not lost
     r = run_gapt(*TINY, "--init_from=resume", "--max_iters=6", f"--out_dir={out}")
     assert r.returncode == 2 and "no checkpoint" in r.stderr
+
+
+def test_fresh_compare_retires_every_arms_checkpoint_before_its_first_run(tmp_path, monkeypatch):
+    # stopped after its first run, a fresh comparison must not leave an earlier one's runs to resume
+    out = tmp_path / "cmp"
+    for d in ("memorize_seed0", "gapt_seed0"):
+        (out / d).mkdir(parents=True)
+        (out / d / "ckpt.pt").write_bytes(b"an earlier comparison's")
+    runs = []
+
+    def stop_after_one(cfg):
+        runs.append(cfg["out_dir"])
+        if len(runs) > 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(gapt, "train_forgetting", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        gapt.compare(gapt.parse_args(["--task=forgetting", "--compare=memorize,gapt", "--seeds=1", f"--out_dir={out}"]))
+    assert len(runs) == 2
+    for d in ("memorize_seed0", "gapt_seed0"):
+        assert not (out / d / "ckpt.pt").exists() and (out / d / "ckpt.prev.pt").exists()
+
+
+def test_grad_scaler_survives_a_skipped_step():
+    # with fp16 a non-finite CE or M skips the update; the scaler must still be ready for the next step
+    model = torch.nn.Linear(2, 1)
+    opt, scaler = torch.optim.SGD(model.parameters(), lr=0.1), torch.amp.GradScaler("cpu", init_scale=4.0)
+    cfg = {"grad_clip": 1.0}
+    for ce, stepped in ((float("nan"), False), (1.0, True)):
+        scaler.scale(model(torch.ones(1, 2)).sum()).backward()
+        assert gapt.update(model, opt, scaler, cfg, ce, 0.5)[1] is stepped
+        assert all(p.grad is None for p in model.parameters())
 
 
 def test_parse_accepts_int_for_float_and_bools():
@@ -639,7 +674,18 @@ def test_rewriting_shards_removes_stale_ones_and_refuses_another_corpus(tmp_path
     assert "older shards removed" in capsys.readouterr().out
     assert [Path(p).name for p in data.find_shards(out, "train")] == ["text_train_000001.bin"]
     assert len(all_tokens(out)) == 3                                # <|endoftext|> hello world, nothing older
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    real_write = data.write_shard
+
+    def stop_at_train(path, tokens):                               # a rewrite stopped after the val shard
+        if "_train_" in str(path):
+            raise KeyboardInterrupt
+        real_write(path, tokens)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, "write_shard", stop_at_train)
+        with pytest.raises(KeyboardInterrupt):
+            data.main(["text", str(tmp_path / "long.txt"), "--out", str(out), "--tokenizer_file", tokenizer_file()])
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before   # the earlier corpus, whole
     (out / "fineweb_train_000001.bin").write_bytes(b"")
     assert data.main(["text", str(tmp_path / "short.txt"), "--out", str(out), "--tokenizer_file", tokenizer_file()]) == 2
     one_line_error(2, capsys.readouterr().err, 2, "another corpus")
@@ -1009,19 +1055,20 @@ def test_text_task_bad_sizes_are_one_line_errors(text_dir, tmp_path):
 def test_cycle_stats_tell_a_slow_cycle_from_noise():
     assert gapt.cycle_stats([0.1, -0.1] * 4) == ("cos > 0 in 50% of 8 measurements, 7 sign changes, "
                                                  "lag-1 autocorrelation -1.00")
+    assert "too few" in gapt.cycle_stats([0.3, -0.2])
     slow = gapt.cycle_stats(np.sin(np.linspace(0.5, 4 * np.pi - 0.5, 100)))   # two periods
     assert "3 sign changes" in slow and float(slow.split()[-1]) > 0.95
 
 
 def test_compare_runs_every_arm_and_seed_then_table_and_figures(tmp_path):
     out, fig = tmp_path / "cmp", tmp_path / "figs" / "arith.png"
-    r = run_gapt(*TINY, "--max_iters=12", "--eval_interval=6", "--align_interval=6", "--p_m=2", "--p_c=2",
+    r = run_gapt(*TINY, "--max_iters=12", "--eval_interval=6", "--align_interval=3", "--p_m=2", "--p_c=2",
                  "--compare=memorize,gapt", "--seeds=2", f"--out_dir={out}", f"--fig={fig}")
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(out)) == ["gapt_seed0", "gapt_seed1", "memorize_seed0", "memorize_seed1", "results.json"]
     table = json.loads((out / "results.json").read_text())
     assert set(table) == {"memorize", "gapt"} and len(table["gapt"]["id_ce"]) == 2   # (mean, std)
     assert "| memorize |" in r.stdout and fig.stat().st_size > 0 and (fig.parent / "cycle.png").exists()
-    assert "cycle, gapt seed 1: cos > 0 in" in r.stdout
+    assert "cycle, gapt seed 1338: cos > 0 in" in r.stdout and "of 4 measurements" in r.stdout
     seeds = [json.loads((out / d / "config.json").read_text())["seed"] for d in ("gapt_seed0", "gapt_seed1")]
     assert seeds == [1337, 1338]
