@@ -311,7 +311,8 @@ def get_tokenizer(tokenizer_file=None):
         enc = tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, special_tokens={"<|endoftext|>": EOT},
                                 mergeable_ranks=load_tiktoken_bpe(str(tokenizer_file)))
     except (OSError, ValueError) as e:
-        raise DataError(f"cannot read tokenizer file {tokenizer_file} (--tokenizer_file or $GAPT_TOKENIZER_FILE): {e}") from None
+        raise DataError(f"cannot read tokenizer file {tokenizer_file} "
+                        f"(--tokenizer_file or $GAPT_TOKENIZER_FILE): {e}") from None
     if enc.max_token_value != EOT:
         raise DataError(f"{tokenizer_file} is not GPT-2's 50257-token vocabulary")
     return enc
@@ -376,12 +377,12 @@ def claim(out_dir, prefix):
     return old
 
 
-def write_shards(token_docs, out_dir, prefix, shard_size, val_size, max_train=None):
+def write_shards(token_docs, out_dir, prefix, old, shard_size, val_size, max_train=None):
     """Write out_dir/{prefix}_{val|train}_{idx:06d}.bin: the val shard 0 holds the first val_size
     tokens, then come train shards of shard_size, at most max_train of them. They are written to
-    out_dir/.partial and moved in place at the end, replacing this corpus's older shards: a run
-    stopped half-way leaves the earlier corpus whole, never a mix of the two."""
-    old, staging = claim(out_dir, prefix), os.path.join(out_dir, ".partial")
+    out_dir/.partial and moved in place at the end, replacing old, this corpus's earlier shards
+    (from claim): a run stopped half-way leaves the earlier corpus whole, never a mix of the two."""
+    staging = os.path.join(out_dir, ".partial")
     try:
         shutil.rmtree(staging, ignore_errors=True)           # what a stopped run left
         os.makedirs(staging)
@@ -468,7 +469,7 @@ def prepare_fineweb(args):
     out_dir = args.out or ("data/edu_fineweb10B" if args.edu else "data/fineweb10B")
     if args.cached:
         return download_cached(args.cached, out_dir)
-    claim(out_dir, "fineweb")
+    old = claim(out_dir, "fineweb")
     if args.local:
         docs = file_docs(args.local)
     else:                                     # streamed: a small --shards downloads only what it needs
@@ -482,14 +483,14 @@ def prepare_fineweb(args):
     get_tokenizer(args.tokenizer_file)
     token_docs = tokenize_documents(docs, args.tokenizer_file)
     try:
-        write_shards(progress(token_docs, (args.shards + 1) * args.shard_size), out_dir, "fineweb",
+        write_shards(progress(token_docs, (args.shards + 1) * args.shard_size), out_dir, "fineweb", old,
                      args.shard_size, args.shard_size, args.shards)
     finally:
         token_docs.close()                    # stops the pool, and the download, once enough is written
 
 
 def prepare_text(args):
-    claim(args.out, "text")
+    old = claim(args.out, "text")
     docs = [d.strip() for path in args.files for d in file_docs(path) if d.strip()]
     if not docs:
         raise DataError(f"no text in {' '.join(args.files)}")
@@ -499,7 +500,7 @@ def prepare_text(args):
     # val is the first val_fraction of the tokens, at most a shard and at least a token, and train
     # keeps at least a token: a small corpus still makes both (every document has >= 2 tokens)
     val_size = int(np.clip(round(args.val_fraction * n), 1, min(args.shard_size, n - 1)))
-    write_shards(token_docs, args.out, "text", args.shard_size, val_size)
+    write_shards(token_docs, args.out, "text", old, args.shard_size, val_size)
 
 
 def positive(s):
