@@ -332,57 +332,27 @@ class GPT(nn.Module):
 # so S_2 = 2 log tr(G) - log ||G||_F^2: no eigendecomposition, just the Gram matrix.
 
 
-def matrix_entropy(Z, alpha=2.0):
-    """Renyi entropy (nats) of the trace-normalised Gram matrix of Z.
-    Z: (..., N, D) -> (...,), in [0, log N]. Computed in at least float32 (also
-    inside autocast), differentiable, and 0 with a zero gradient for Z = 0."""
-    return gram_entropy(gram(Z), alpha)
-
-
-def gram(Z):
-    """Z Z^T: (..., N, D) -> (..., N, N), in at least float32, also inside autocast."""
+def matrix_entropy(Z):
+    """MBE of windows of token representations: Z (..., N, D) -> S_2 (...,) nats, in [0, log N].
+    This is the function training runs (through layer_mbe): change it to change the MBE.
+    Computed in at least float32, also inside autocast; 0 with a zero gradient for Z = 0."""
     with torch.autocast(Z.device.type, enabled=False):
         Z = Z.to(torch.promote_types(Z.dtype, torch.float32))
-        return Z @ Z.transpose(-1, -2)
-
-
-def gram_entropy(G, alpha=2.0):
-    """matrix_entropy from the Gram matrices G (..., N, N). For alpha = 2 nothing larger
-    than G is formed and nothing is decomposed (python gapt.py --bench times it against eigvalsh)."""
-    if alpha <= 0:
-        raise ValueError(f"alpha must be positive, got {alpha}")
-    tr = G.diagonal(dim1=-2, dim2=-1).sum(-1)                        # (...,)
-    if alpha == 2:   # the training path: two reductions of G, then a few ops on (...,)
-        tiny = torch.finfo(tr.dtype).tiny                            # Z = 0: S = log tiny < 0, clamped to 0, gradient 0
-        lt = torch.log(tr.clamp_min(tiny))
-        S = lt + lt - torch.log(G.square().sum((-2, -1)).clamp_min(tiny))   # 2 log tr G - log ||G||_F^2
-    else:
-        ok, N = G.square().sum((-2, -1)) != 0, G.shape[-1]           # Z = 0 (or underflow): 0; NaN stays NaN
-        eye = torch.eye(N, dtype=G.dtype, device=G.device)           # Z = 0 is swapped for the identity: no NaN gradients
-        A = torch.where(ok[..., None, None], G, eye) / torch.where(ok, tr, N)[..., None, None]
-        lam = torch.linalg.eigvalsh(A).clamp(min=0)                  # (..., N)
-        if alpha == 1:
-            S = -(lam * torch.log(torch.where(lam > 0, lam, 1.0))).sum(-1)   # 0 log 0 = 0
-        else:
-            S = torch.log(lam.pow(alpha).sum(-1)) / (1 - alpha)
-        S = torch.where(ok, S, 0.0)
-    return S.clamp(0.0, math.log(G.shape[-1]))                       # clamp: rounding only (and Z = 0 above)
-
-
-def patch_mbe(h, patch_size=8):
-    """MBE of one layer: h (B, T, D) -> scalar, the mean entropy over non-overlapping
-    windows of patch_size consecutive tokens of each sequence (the author's setup)."""
-    return layer_mbe([h], [0], patch_size)[0]
+        G = Z @ Z.transpose(-1, -2)                                  # Gram matrices (..., N, N)
+    tiny = torch.finfo(G.dtype).tiny                                 # Z = 0: log tiny < 0, clamped to 0, gradient 0
+    lt = torch.log(G.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(tiny))   # log tr G
+    S = lt + lt - torch.log(G.square().sum((-2, -1)).clamp_min(tiny))      # 2 log tr G - log ||G||_F^2
+    return S.clamp(0.0, math.log(G.shape[-1]))                       # clamp: rounding only (and Z = 0)
 
 
 def layer_mbe(hs, layers, patch_size):
-    """patch_mbe of the chosen layers: (len(layers),) nats. Each layer goes to its Gram
-    blocks (B*T/P, P, P) from a view of its output, then one entropy call for them all.
-    Stacking the outputs (L, B, T, D) first would copy them and keep the copy for backward."""
+    """MBE of the chosen layers: hs, the block outputs (B, T, D) -> (len(layers),) nats, each the mean
+    S_2 over non-overlapping windows of patch_size consecutive tokens (the author's setup). The
+    windows are views of the outputs (B*T/P, P, D): nothing larger than their Gram blocks is formed."""
     T, D = hs[0].shape[1:]
     if T % patch_size:
         raise ValueError(f"sequence length {T} is not divisible by patch_size {patch_size}")
-    return gram_entropy(torch.stack([gram(hs[i].reshape(-1, patch_size, D)) for i in layers])).mean(-1)
+    return torch.stack([matrix_entropy(hs[i].reshape(-1, patch_size, D)).mean() for i in layers])
 
 # -----------------------------------------------------------------------------
 # IBLM: Information Bottleneck Language Modelling asks for the representations
@@ -398,6 +368,21 @@ def layer_mbe(hs, layers, patch_size):
 def iblm_loss(ce, mbe, phase, mbe_weight):
     """Memorise (phase 1): L = CE. Compress (phase 2): L = CE + mbe_weight * M."""
     return ce + mbe_weight * mbe if phase == 2 else ce
+
+
+class IBLM(nn.Module):
+    """The objective's two terms from one forward pass: the GPT's CE and M, the mean MBE of the
+    chosen layers. One module, so torch.compile makes one graph of the model and its MBE. In
+    memorisation M is only watched: it is computed from detached representations, no gradient."""
+
+    def __init__(self, gpt, layers, patch_size):
+        super().__init__()
+        self.gpt, self.layers, self.patch_size = gpt, layers, patch_size
+
+    def forward(self, idx, targets, compress):
+        _, ce, hs = self.gpt(idx, targets)
+        hs = hs if compress else [h.detach() for h in hs]
+        return ce, layer_mbe(hs, self.layers, self.patch_size).mean()
 
 # -----------------------------------------------------------------------------
 # GAPT: the gated phase transition (the paper's Algorithm 1, as reconstructed
@@ -710,12 +695,10 @@ def build(cfg, device, ck):
 
 
 def micro_step(model, x, y, phase, cfg, ctx, scaler, accum):
-    """Forward, M, the IBLM loss and backward on one micro-batch: the code that
-    train() runs and bench() times. Returns the detached CE and M."""
+    """Forward (CE and M, model is an IBLM), the IBLM loss and backward on one micro-batch: the code
+    that train() runs and bench() times. Returns the detached CE and M."""
     with ctx:
-        _, ce, hs = model(x, y)
-    with nullcontext() if phase == COMPRESS else torch.no_grad():   # in memorisation M is only watched
-        M = layer_mbe(hs, cfg["layers"], cfg["patch_size"]).mean()
+        ce, M = model(x, y, phase == COMPRESS)
     loss = iblm_loss(ce, M, phase, cfg["mbe_weight"]) / accum       # a mean over micro-batches, not a sum
     scaler.scale(loss).backward()
     return ce.detach().float(), M.detach()
@@ -798,7 +781,8 @@ def train(cfg):
     phase = {"gapt": controller.phase, "memorize": MEMORIZE, "compress": COMPRESS}[cfg["phase_mode"]]
     step = resume(ck, data, scaler, rank, world) if ck else 0
     evals = eval_batches(cfg, data)                # before anything is written: a bad size is bad input
-    raw = model                                    # uncompiled, unwrapped: what checkpoints hold
+    raw = model                                    # the GPT, uncompiled, unwrapped: what checkpoints hold
+    model = IBLM(raw, cfg["layers"], cfg["patch_size"])   # CE and M from one forward pass
     if cfg["compile"] == "on" or (cfg["compile"] == "auto" and device.type == "cuda"):
         model = torch.compile(model)
     if ddp:
@@ -1029,7 +1013,7 @@ def fit_task(model, x, y, cfg, log, task, start):
         pred, h = model(x)
         l1 = F.l1_loss(pred, y)
         with nullcontext() if phase == COMPRESS else torch.no_grad():   # in memorisation M is only watched
-            M = patch_mbe(h[None], cfg["patch_size"])                    # samples as a (1, n, D) sequence
+            M = layer_mbe([h[None]], [0], cfg["patch_size"])[0]          # samples as a (1, n, D) sequence
         opt.zero_grad(set_to_none=True)
         iblm_loss(l1, M, phase, cfg["mbe_weight"]).backward()
         opt.step()
@@ -1049,8 +1033,8 @@ def forgetting_eval(model, d, patch_size):
     """Held-out L1 on A and B, the separation of the two tasks' hidden layers, and their MBE."""
     (pa, ha), (pb, hb) = model(d["xa_test"]), model(d["xb_test"])
     return {"loss_A": F.l1_loss(pa, d["ya_test"]).item(), "loss_B": F.l1_loss(pb, d["yb_test"]).item(),
-            "separation": separation(ha, hb), "mbe_A": patch_mbe(ha[None], patch_size).item(),
-            "mbe_B": patch_mbe(hb[None], patch_size).item()}
+            "separation": separation(ha, hb), "mbe_A": layer_mbe([ha[None]], [0], patch_size).item(),
+            "mbe_B": layer_mbe([hb[None]], [0], patch_size).item()}
 
 
 def train_forgetting(cfg):
@@ -1233,6 +1217,22 @@ PEAK_FLOPS = (("GB200", 2500e12), ("B200", 2250e12), ("H200 NVL", 836e12), ("H20
               ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12))
 
 
+def renyi_entropy(Z, alpha):
+    """The MBE's definition for any order alpha > 0: the eigenvalues of G / tr G, G = Z Z^T of windows
+    Z (..., N, D) -> (...,) nats. What --bench times the closed form against; for analysis, not training."""
+    G = Z.float() @ Z.float().transpose(-1, -2)
+    tr, N = G.diagonal(dim1=-2, dim2=-1).sum(-1), G.shape[-1]
+    ok = G.square().sum((-2, -1)) != 0                                # Z = 0 (or underflow): 0; NaN stays NaN
+    eye = torch.eye(N, dtype=G.dtype, device=G.device)                # Z = 0 is swapped for I: no NaN gradients
+    A = torch.where(ok[..., None, None], G, eye) / torch.where(ok, tr, N)[..., None, None]
+    lam = torch.linalg.eigvalsh(A).clamp(min=0)                       # (..., N): a probability distribution
+    if alpha == 1:
+        S = -(lam * torch.log(torch.where(lam > 0, lam, 1.0))).sum(-1)   # 0 log 0 = 0
+    else:
+        S = torch.log(lam.pow(alpha).sum(-1)) / (1 - alpha)
+    return torch.where(ok, S, 0.0).clamp(0.0, math.log(N))
+
+
 def bench(cfg):
     """Median step times of a plain PyTorch loop and of GAPT's two phases, the MBE's share, and the closed form."""
     if "RANK" in os.environ or cfg["task"] == "forgetting":
@@ -1241,9 +1241,10 @@ def bench(cfg):
     from data import ARITH_VOCAB
     cfg = resolve(cfg, ARITH_VOCAB if cfg["task"] == "arithmetic" else 50304)
     B, T, P, D = cfg["batch_size"], cfg["block_size"], cfg["patch_size"], cfg["n_embd"]
-    model, optimizer, _ = build(cfg, device, None)
-    raw, compiled = model, cfg["compile"] == "on" or (cfg["compile"] == "auto" and device.type == "cuda")
-    model = torch.compile(model) if compiled else model
+    raw, optimizer, _ = build(cfg, device, None)
+    compiled = cfg["compile"] == "on" or (cfg["compile"] == "auto" and device.type == "cuda")
+    model, gpt = IBLM(raw, cfg["layers"], P), raw               # the GAPT steps' model, the plain step's
+    model, gpt = (torch.compile(model), torch.compile(gpt)) if compiled else (model, gpt)
     x, y = (torch.randint(cfg["vocab_size"], (B, T), device=device) for _ in range(2))
     clip = cfg["grad_clip"] or math.inf
 
@@ -1258,7 +1259,7 @@ def bench(cfg):
 
     def plain_step():       # the reference: a plain PyTorch loop on the same model, CE only, nothing read
         with ctx:
-            loss = model(x, y)[1]
+            loss = gpt(x, y)[1]
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(raw.parameters(), clip)
@@ -1294,10 +1295,8 @@ def bench(cfg):
         watch = median(lambda: layer_mbe(hs, cfg["layers"], P))
     learn = median(lambda: layer_mbe(hs, cfg["layers"], P).mean().backward())
     Z = torch.stack([hs[i].detach().reshape(-1, P, D) for i in cfg["layers"]])   # windows (L, B*T/P, P, D)
-    G = gram(Z)                  # the Gram blocks (L, B*T/P, P, P): what layer_mbe hands gram_entropy in training
     with torch.no_grad():
-        closed, eig = median(lambda: gram_entropy(G, 2.0)), median(lambda: gram_entropy(G, 1.0))
-        closed_z, eig_z = median(lambda: matrix_entropy(Z, 2.0)), median(lambda: matrix_entropy(Z, 1.0))
+        closed, eig = median(lambda: matrix_entropy(Z)), median(lambda: renyi_entropy(Z, 1.0))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     peak = next((f for s, f in PEAK_FLOPS if s in name), None) if name else None
     flops = 6 * (raw.num_params() - raw.transformer.wpe.weight.numel()) + 12 * cfg["n_layer"] * D * T   # nanoGPT's MFU
@@ -1311,8 +1310,8 @@ def bench(cfg):
     print(f"compress / memorise {ratio('gapt compress', 'gapt memorise'):.3f}x | host read lag {lag} step(s)")
     print(f"MBE share of a step: memorise {watch / step['gapt memorise']:.2%} (no grad) | "
           f"compress {learn / step['gapt compress']:.2%} (forward and backward)")
-    print(f"alpha=2 closed form vs eigenvalue path (alpha=1) from {tuple(G.shape)} Gram blocks: {1e3 * closed:.3f} vs "
-          f"{1e3 * eig:.3f} ms, {eig / closed:.0f}x; from {tuple(Z.shape)} windows: {eig_z / closed_z:.1f}x")
+    print(f"alpha=2 closed form vs eigenvalue path (alpha=1) on {tuple(Z.shape)} windows: {1e3 * closed:.3f} vs "
+          f"{1e3 * eig:.3f} ms, {eig / closed:.1f}x")
     print(f"GPU: {name}, MFU vs {peak / 1e12:.0f} TFLOP/s dense bf16" if peak else
           f"GPU: {name}, peak FLOP/s unknown, no MFU" if name else "GPU: none (MFU needs a CUDA device)")
 

@@ -48,18 +48,24 @@ def eig_entropy(Z, alpha):
     return (torch.log((lam ** alpha).sum()) / (1 - alpha)).item()
 
 
+def mbe(Z, alpha=2.0):
+    """Training's closed form for alpha = 2, the eigenvalue path for other orders."""
+    return gapt.matrix_entropy(Z) if alpha == 2 else gapt.renyi_entropy(Z, alpha)
+
+
 def test_mbe_closed_form_equals_eigenvalue_formula():
     torch.manual_seed(0)
     for N, D in [(8, 16), (8, 4), (5, 32)]:
         Z = torch.randn(N, D) * torch.rand(N, 1)   # unequal norms: not a trivial spectrum
-        assert gapt.matrix_entropy(Z, 2.0).item() == pytest.approx(eig_entropy(Z, 2.0), abs=1e-5)
+        assert gapt.matrix_entropy(Z).item() == pytest.approx(eig_entropy(Z, 2.0), abs=1e-5)
+        assert gapt.renyi_entropy(Z, 2.0).item() == pytest.approx(eig_entropy(Z, 2.0), abs=1e-5)
 
 
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 3.0])
 def test_mbe_other_orders_match_definition(alpha):
     torch.manual_seed(1)
     Z = torch.randn(3, 8, 12)   # a batch of three windows
-    got = gapt.matrix_entropy(Z, alpha)
+    got = gapt.renyi_entropy(Z, alpha)
     assert got.shape == (3,)
     for i in range(3):
         assert got[i].item() == pytest.approx(eig_entropy(Z[i], alpha), abs=1e-4)
@@ -69,7 +75,7 @@ def test_mbe_orders_are_ordered():
     # Renyi entropies decrease with the order: S_0.5 >= S_1 >= S_2 >= S_3
     torch.manual_seed(2)
     Z = torch.randn(8, 6)
-    s = [gapt.matrix_entropy(Z, a).item() for a in (0.5, 1.0, 2.0, 3.0)]
+    s = [mbe(Z, a).item() for a in (0.5, 1.0, 2.0, 3.0)]
     assert s[0] > s[1] > s[2] > s[3] > 0
 
 
@@ -79,8 +85,8 @@ def test_mbe_invariants():
     rank_one = torch.randn(N, 1) @ torch.randn(1, 16)                 # all rows on one line
     orthonormal = torch.linalg.qr(torch.randn(16, N))[0].T            # (N, 16), orthonormal rows
     for alpha in (1.0, 2.0):
-        assert gapt.matrix_entropy(rank_one, alpha).item() == pytest.approx(0.0, abs=1e-4)
-        assert gapt.matrix_entropy(orthonormal, alpha).item() == pytest.approx(math.log(N), abs=1e-5)
+        assert mbe(rank_one, alpha).item() == pytest.approx(0.0, abs=1e-4)
+        assert mbe(orthonormal, alpha).item() == pytest.approx(math.log(N), abs=1e-5)
     Z = torch.randn(4, N, 16)
     assert torch.allclose(gapt.matrix_entropy(Z), gapt.matrix_entropy(37.0 * Z), atol=1e-5)   # scale invariant
     s = gapt.matrix_entropy(torch.randn(64, N, 3) * 5)
@@ -90,7 +96,7 @@ def test_mbe_invariants():
 def test_mbe_zero_input_is_zero_with_zero_gradient():
     Z = torch.zeros(2, 8, 16, requires_grad=True)
     for alpha in (2.0, 1.0, 3.0, 0.5):
-        s = gapt.matrix_entropy(Z, alpha)
+        s = mbe(Z, alpha)
         s.sum().backward()
         assert torch.equal(s.detach(), torch.zeros(2))
         assert torch.equal(Z.grad, torch.zeros_like(Z)), alpha
@@ -134,14 +140,25 @@ def test_tf32_rounding_of_the_gram_inputs_moves_m_far_below_delta_mbe():
     assert 0 < (rounded - exact).abs().max() < gapt.DEFAULTS["delta_mbe"] / 100
 
 
-def test_patch_mbe_windows():
+def test_layer_mbe_windows():
     torch.manual_seed(6)
     h = torch.randn(2, 16, 8)
     by_hand = torch.stack([gapt.matrix_entropy(h[b, w * 8:(w + 1) * 8]) for b in range(2) for w in range(2)]).mean()
-    assert gapt.patch_mbe(h, 8).item() == pytest.approx(by_hand.item(), abs=1e-6)
+    assert gapt.layer_mbe([h], [0], 8).item() == pytest.approx(by_hand.item(), abs=1e-6)
     assert gapt.layer_mbe([h, 2 * h], [0, 1], 8).tolist() == pytest.approx([by_hand.item()] * 2, abs=1e-5)
     with pytest.raises(ValueError, match="not divisible"):
-        gapt.patch_mbe(torch.randn(2, 12, 8), 8)
+        gapt.layer_mbe([torch.randn(2, 12, 8)], [0], 8)
+
+
+def test_matrix_entropy_is_the_fork_point_training_uses(monkeypatch):
+    # README: change matrix_entropy to change the MBE; here, centring each window changes M in a step
+    torch.manual_seed(7)
+    model = gapt.IBLM(gapt.GPT(gapt.GPTConfig(3, 2, 32, 16, 20, 0.0, True)), [1], 8)
+    x, y = torch.randint(0, 20, (4, 16)), torch.randint(0, 20, (4, 16))
+    M = model(x, y, True)[1].item()
+    plain = gapt.matrix_entropy
+    monkeypatch.setattr(gapt, "matrix_entropy", lambda Z: plain(Z - Z.mean(-2, keepdim=True)))
+    assert abs(model(x, y, True)[1].item() - M) > 0.01
 
 # -----------------------------------------------------------------------------
 # the GAPT controller (Algorithm 1)
@@ -247,18 +264,18 @@ def test_model_is_causal_and_returns_every_block():
 
 @pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile is not supported here")
 def test_compiled_model_gives_the_eager_compression_step():
-    # torch.compile (on by default on CUDA) traces the forward that returns every block's output;
-    # the per-layer MBE sits on top of it uncompiled. aot_eager: dynamo and AOT autograd, no C++ compiler.
+    # torch.compile (on by default on CUDA) traces the GPT and its MBE as one graph, one per phase.
+    # aot_eager: dynamo and AOT autograd, no C++ compiler needed.
     torch.manual_seed(0)
     eager = gapt.GPT(gapt.GPTConfig(3, 2, 32, 16, 20, 0.0, True))
     twin = gapt.GPT(gapt.GPTConfig(3, 2, 32, 16, 20, 0.0, True))
     twin.load_state_dict(eager.state_dict())
-    compiled = torch.compile(twin, backend="aot_eager")
+    compiled = torch.compile(gapt.IBLM(twin, [1, 2], 8), backend="aot_eager")
     x, y = torch.randint(0, 20, (4, 16)), torch.randint(0, 20, (4, 16))
     cfg, scaler = {"layers": [1, 2], "patch_size": 8, "mbe_weight": 1.0}, torch.amp.GradScaler("cpu", enabled=False)
     for phase in (gapt.MEMORIZE, gapt.COMPRESS):
         got = gapt.micro_step(compiled, x, y, phase, cfg, gapt.nullcontext(), scaler, 1)
-        want = gapt.micro_step(eager, x, y, phase, cfg, gapt.nullcontext(), scaler, 1)
+        want = gapt.micro_step(gapt.IBLM(eager, [1, 2], 8), x, y, phase, cfg, gapt.nullcontext(), scaler, 1)
         assert torch.allclose(torch.stack(got), torch.stack(want), atol=1e-5)
         for (name, p), q in zip(eager.named_parameters(), twin.parameters()):
             assert torch.allclose(p.grad, q.grad, atol=1e-5), (phase, name)
@@ -960,7 +977,7 @@ def test_bench_runs_and_prints_one_table(tmp_path):
     for line in ("bench: GPT 4 layers x 32", "plain PyTorch", "gapt memorise", "gapt compress", "compress / memorise",
                  "host read lag 0", "MBE share of a step", "closed form vs eigenvalue path", "GPU: none"):
         assert line in out, f"missing '{line}' in:\n{out}"
-    assert "(2, 24, 8, 8) Gram blocks" in out                    # layers 1 and 2, B*T/P = 8*24/8 windows each
+    assert "(2, 24, 8, 32) windows" in out                       # layers 1 and 2, B*T/P = 8*24/8 windows each
     assert "target" not in out                                   # measurements only: the targets are the README's
     assert not (tmp_path / "out").exists()                          # trains nothing, writes nothing
 
@@ -991,13 +1008,13 @@ def bench_windows(seed=0):
 
 def test_closed_form_and_eigenvalue_path_agree_on_the_bench_blocks():
     Z = bench_windows()
-    G = gapt.gram(Z)
+    G = Z @ Z.transpose(-1, -2)
     assert G.shape == (B * T // P, P, P)
-    closed, eig_path = gapt.gram_entropy(G, 2.0), gapt.gram_entropy(G, 1.0)
+    closed, eig_path = gapt.matrix_entropy(Z), gapt.renyi_entropy(Z, 1.0)
     assert closed.shape == eig_path.shape == (B * T // P,)
     assert torch.allclose(closed.double(), reference_entropy(G, 2.0), atol=1e-5)
     assert torch.allclose(eig_path.double(), reference_entropy(G, 1.0), atol=1e-4)
-    assert torch.equal(gapt.matrix_entropy(Z), closed)                    # the same computation from Z
+    assert torch.allclose(gapt.renyi_entropy(Z, 2.0), closed, atol=1e-5)  # the closed form is S_2
     assert closed.min() < 0.5 and closed.max() > 1.5                      # the test spans the range
     assert (eig_path >= closed - 1e-5).all()                              # Renyi orders: S_1 >= S_2
 
@@ -1006,7 +1023,8 @@ def test_layer_mbe_is_the_mean_windowed_entropy_of_each_layer():
     torch.manual_seed(0)
     hs = [torch.randn(4, T, 16) * (i + 1) for i in range(4)]
     got = gapt.layer_mbe(hs, [1, 3], P)
-    assert torch.allclose(got, torch.stack([gapt.patch_mbe(hs[1], P), gapt.patch_mbe(hs[3], P)]), atol=1e-6)
+    want = [gapt.matrix_entropy(hs[i].reshape(-1, P, 16)).mean() for i in (1, 3)]
+    assert torch.allclose(got, torch.stack(want), atol=1e-6)
     with pytest.raises(ValueError):
         gapt.layer_mbe([torch.randn(2, T + 1, 16)], [0], P)
 
@@ -1036,7 +1054,7 @@ def test_mbe_forms_nothing_larger_than_the_gram_blocks(grad):
         with NewTensors() as layers:
             M = gapt.layer_mbe(hs, [1, 2], P).mean()
     assert max(one.sizes) == blocks                                        # the Gram blocks themselves
-    assert max(layers.sizes) == 2 * blocks                                 # both layers' blocks, never a (B, T, D) copy
+    assert max(layers.sizes) == blocks                                     # a layer's blocks at a time, no (B, T, D) copy
     if grad:
         M.backward()
         assert all(torch.isfinite(h.grad).all() for h in hs[1:3]) and hs[0].grad is None
