@@ -67,7 +67,8 @@ def arith_encode(a, b, block_size, reverse):
         answer = c[::-1] if reverse else c
         ids = [BOS] + [ARITH_STOI[ch] for ch in prompt + answer] + [EOS]
         if len(ids) > block_size + 1:
-            raise ValueError(f"problem '{prompt}{c}' needs block_size >= {len(ids) - 1}, got {block_size}")
+            raise ValueError(f"problem '{prompt}{c}' needs block_size >= {len(ids) - 1}, "
+                             f"got {block_size}")
         seq[i, :len(ids)] = ids
         start = 1 + len(prompt)                        # first answer token in seq
         tgt[i, start:len(ids)] = ids[start:]
@@ -101,10 +102,10 @@ class Arithmetic(Resumable):
     def __init__(self, seed, block_size, train_digits=(1, 2), ood_digits=(3, 3),
                  n_eval=512, reverse=True, rank=0):
         self.block_size, self.reverse, self.train_digits = block_size, reverse, train_digits
-        need = arith_len(max(train_digits[1], ood_digits[1])) - 1
-        if block_size < need:
-            raise ValueError(f"arithmetic with {max(train_digits[1], ood_digits[1])}-digit operands "
-                             f"needs --block_size >= {need}, got {block_size}")
+        digits = max(train_digits[1], ood_digits[1])
+        if block_size < (need := arith_len(digits) - 1):
+            raise ValueError(f"arithmetic with {digits}-digit operands needs "
+                             f"--block_size >= {need}, got {block_size}")
         ev = np.random.default_rng(EVAL_SEED)          # the same test problems for every run seed
         self.id_ab = arith_sample(ev, n_eval, *train_digits)
         self.ood_ab = arith_sample(ev, n_eval, *ood_digits)
@@ -112,8 +113,9 @@ class Arithmetic(Resumable):
         lo, hi = train_digits
         n_pairs = (10**hi - (0 if lo == 1 else 10 ** (lo - 1))) ** 2   # distinct training problems
         if 2 * len(self.held_out) > n_pairs:   # else batch() would resample (nearly) forever
-            raise ValueError(f"--n_eval={n_eval} holds out {len(self.held_out)} of the {n_pairs} problems with "
-                             f"{lo}-{hi} digit operands: use a smaller --n_eval or larger operands")
+            raise ValueError(f"--n_eval={n_eval} holds out {len(self.held_out)} of the {n_pairs} "
+                             f"problems with {lo}-{hi} digit operands: use a smaller --n_eval or "
+                             "larger operands")
         self.rng = np.random.default_rng([seed, rank])   # each DDP rank draws its own problems
 
     def batch(self, n):
@@ -214,7 +216,8 @@ def read_shard(path):
         raise ValueError(f"{path}: shard version {header[1]}, expected {SHARD_VERSION}")
     n, size = int(header[2]), os.path.getsize(path)
     if size != 4 * HEADER_INTS + 2 * n:
-        raise ValueError(f"{path}: the header says {n} tokens but the file has {size} bytes; truncated?")
+        raise ValueError(f"{path}: the header says {n} tokens but the file has {size} bytes; "
+                         "truncated?")
     return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * HEADER_INTS, shape=(n,))
 
 
@@ -222,8 +225,9 @@ def find_shards(data_dir, split):
     """Sorted paths of the "train" or "val" shards in data_dir."""
     paths = sorted(str(p) for p in Path(data_dir).glob(f"*_{split}_*.bin"))
     if not paths:
-        raise FileNotFoundError(f"no {split} shards in {data_dir}: run 'python data.py fineweb --shards 10 "
-                                f"--out {data_dir}' (or 'python data.py text FILE... --out {data_dir}')")
+        raise FileNotFoundError(f"no {split} shards in {data_dir}: run 'python data.py fineweb "
+                                f"--shards 10 --out {data_dir}' (or 'python data.py text FILE... "
+                                f"--out {data_dir}')")
     return paths
 
 
@@ -291,13 +295,14 @@ def get_tokenizer(tokenizer_file=None):
     if not tokenizer_file:
         try:
             return tiktoken.get_encoding("gpt2")
-        except Exception:                     # requests' errors when offline, or whatever else fails
-            raise Unavailable("cannot download tiktoken's GPT-2 encoding (the machine seems offline); "
-                              "pass --tokenizer_file path/to/gpt2.tiktoken") from None
+        except Exception:                     # requests' errors when offline, or anything else
+            raise Unavailable("cannot download tiktoken's GPT-2 encoding (the machine seems "
+                              "offline); pass --tokenizer_file path/to/gpt2.tiktoken") from None
     from tiktoken.load import load_tiktoken_bpe
     from tiktoken_ext.openai_public import r50k_pat_str   # the split pattern of tiktoken's gpt2
     try:
-        enc = tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, special_tokens={"<|endoftext|>": EOT},
+        enc = tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str,
+                                special_tokens={"<|endoftext|>": EOT},
                                 mergeable_ranks=load_tiktoken_bpe(str(tokenizer_file)))
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read tokenizer file {tokenizer_file} "
@@ -332,7 +337,8 @@ def progress(token_docs, total, every=10.0):
         n += len(tokens)
         if time.time() - last > every:
             last, rate = time.time(), n / (time.time() - t0)
-            print(f"{n / 1e6:.1f}M tokens, {rate / 1e3:.0f}k tokens/s, ETA {(total - n) / rate / 60:.1f} min")
+            eta = (total - n) / rate / 60
+            print(f"{n / 1e6:.1f}M tokens, {rate / 1e3:.0f}k tokens/s, ETA {eta:.1f} min")
 
 
 def pack(token_docs, sizes):
@@ -358,7 +364,8 @@ def claim(out_dir, prefix):
     folder, so another corpus's shards there are refused, before anything is downloaded."""
     old = {p.name for split in ("train", "val") for p in Path(out_dir).glob(f"*_{split}_*.bin")}
     if others := sorted(n for n in old if not n.startswith(prefix + "_")):
-        raise DataError(f"{out_dir} holds another corpus's shards ({others[0]}, ...): choose another --out")
+        raise DataError(f"{out_dir} holds another corpus's shards ({others[0]}, ...): "
+                        "choose another --out")
     return old
 
 
@@ -385,8 +392,8 @@ def write_shards(token_docs, out_dir, prefix, old, sizes):
     for name in names:
         os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
     os.rmdir(staging)
-    print(f"{out_dir}: val {lengths[0]:,} tokens, train {sum(lengths[1:]):,} in {len(lengths) - 1} shards"
-          + (f" ({len(stale)} older shards removed)" if stale else ""))
+    print(f"{out_dir}: val {lengths[0]:,} tokens, train {sum(lengths[1:]):,} in "
+          f"{len(lengths) - 1} shards" + (f" ({len(stale)} older shards removed)" if stale else ""))
 
 
 def require(package):
@@ -423,7 +430,8 @@ def read_rows(path):
         with open(path, encoding="utf-8") as f:
             yield from (json.loads(line) for line in f if line.strip())
     else:
-        yield from ({"text": b} for b in re.split(r"\n\s*\n", Path(path).read_text(encoding="utf-8")))
+        text = Path(path).read_text(encoding="utf-8")
+        yield from ({"text": block} for block in re.split(r"\n\s*\n", text))
 
 
 def file_docs(path):
@@ -436,11 +444,12 @@ def download_cached(n, out_dir):
     """modded-nanogpt's pre-tokenised FineWeb (kjj0/fineweb10B-gpt2, shards of 10**8 tokens in
     this format): the val shard and n train shards. Shards already there are kept."""
     hub = require("huggingface_hub")
-    for name in ["fineweb_val_000000.bin"] + [f"fineweb_train_{i:06d}.bin" for i in range(1, n + 1)]:
+    for i in range(n + 1):
+        name = f"fineweb_{'train' if i else 'val'}_{i:06d}.bin"
         if not os.path.exists(os.path.join(out_dir, name)):
             try:
-                hub.hf_hub_download(repo_id="kjj0/fineweb10B-gpt2", filename=name, repo_type="dataset",
-                                    local_dir=out_dir)
+                hub.hf_hub_download(repo_id="kjj0/fineweb10B-gpt2", filename=name,
+                                    repo_type="dataset", local_dir=out_dir)
             except Exception as e:
                 raise offline(name, e) from None
         print(f"{out_dir}/{name}: {len(read_shard(os.path.join(out_dir, name))):,} tokens")
@@ -457,7 +466,7 @@ def prepare(args):
             raise DataError(f"no text in {' '.join(args.files)}")
     elif args.local:
         docs = file_docs(args.local)
-    else:                                     # streamed: a small --shards downloads only what it needs
+    else:                         # streamed: a small --shards downloads only what it needs
         datasets, name = require("datasets"), f"HuggingFaceFW/fineweb{'-edu' if args.edu else ''}"
         try:
             rows = datasets.load_dataset(name, name="sample-10BT", split="train", streaming=True)
@@ -466,8 +475,10 @@ def prepare(args):
         docs = texts(rows, lambda e: offline(name, e))
     get_tokenizer(args.tokenizer_file)
     token_docs = tokenize_documents(docs, args.tokenizer_file)
-    if args.source == "text":   # val: the first val_fraction, >= 1 token and <= a shard; train
-        token_docs = list(token_docs)   # the rest, >= 1 token as every document has >= 2
+    if args.source == "text":
+        # val is the first val_fraction of the tokens, at least one and at most a shard, and train
+        # keeps at least one: a small corpus still makes both (every document has >= 2 tokens)
+        token_docs = list(token_docs)
         n = sum(map(len, token_docs))
         val_size = int(np.clip(round(args.val_fraction * n), 1, min(args.shard_size, n - 1)))
         return write_shards(token_docs, args.out, "text", old,
@@ -477,7 +488,7 @@ def prepare(args):
         write_shards(progress(token_docs, total), args.out, "fineweb", old,
                      itertools.repeat(args.shard_size, args.shards + 1))
     finally:
-        token_docs.close()                    # stops the pool, and the download, once enough is written
+        token_docs.close()        # stops the pool, and the download, once enough is written
 
 
 class Parser(argparse.ArgumentParser):
@@ -488,27 +499,28 @@ class Parser(argparse.ArgumentParser):
 def main(argv=None):
     p = Parser(description="Make GPT-2 token shards (llm.c's .bin format) for gapt.py.")
     sub = p.add_subparsers(dest="source", required=True)
-    fw = sub.add_parser("fineweb", help="FineWeb sample-10BT, streamed from Hugging Face and tokenised")
+    fw = sub.add_parser("fineweb", help="FineWeb sample-10BT, streamed and tokenised")
     count = fw.add_mutually_exclusive_group(required=True)
     count.add_argument("--shards", type=int, help="train shards to make, after the val shard")
     count.add_argument("--cached", type=int, help="instead download this many pre-tokenised train "
                        "shards (and the val shard) of modded-nanogpt's kjj0/fineweb10B-gpt2")
     fw.add_argument("--edu", action="store_true", help="FineWeb-Edu instead of FineWeb")
-    fw.add_argument("--local", metavar="FILE", help="read FineWeb's rows from this .parquet or .jsonl")
-    tx = sub.add_parser("text", help="your own files: a document per 'text' of a .jsonl or .parquet, "
-                        "else per block between blank lines; val is the first --val_fraction")
+    fw.add_argument("--local", metavar="FILE", help="FineWeb's rows from this .parquet or .jsonl")
+    tx = sub.add_parser("text", help="your own files: a document per 'text' of a .jsonl or "
+                        ".parquet, else per block between blank lines")
     tx.add_argument("files", nargs="+", metavar="FILE")
     tx.add_argument("--val_fraction", type=float, default=0.1, help="share of the tokens for val "
                     "(default 0.1; at most a shard, at least a token, and a token left for train)")
+    fw.add_argument("--out", help="output folder (default data/fineweb10B or data/edu_fineweb10B)")
+    tx.add_argument("--out", default="data/text", help="output folder (default data/text)")
     for s in (fw, tx):
-        s.add_argument("--out", help="output folder (default data/fineweb10B, edu_fineweb10B or text)")
         s.add_argument("--shard_size", type=int, default=10**8, help="tokens per shard (10**8)")
         s.add_argument("--tokenizer_file", help="a GPT-2 .tiktoken file, to work offline "
                        "(default: $GAPT_TOKENIZER_FILE)")
     try:
         args = p.parse_args(argv)
-        default = "text" if args.source == "text" else "edu_fineweb10B" if args.edu else "fineweb10B"
-        args.out = args.out or f"data/{default}"
+        if args.out is None:      # FineWeb's default folder depends on --edu
+            args.out = "data/edu_fineweb10B" if args.edu else "data/fineweb10B"
         for key in ("shards", "cached", "shard_size"):
             if getattr(args, key, None) is not None and getattr(args, key) < 1:
                 p.error(f"argument --{key}: must be positive")
