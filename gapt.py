@@ -118,7 +118,7 @@ BOOLS = {**dict.fromkeys(("1", "true", "yes", "on"), True),
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):   # one line and exit 2, before anything is written, as for every bad input
+    def error(self, message):   # one line and exit 2, nothing written, as for all bad input
         raise ConfigError(re.sub(r"^argument (--\w+): (?=\1=)|^argument ", "", message))
 
 
@@ -139,18 +139,19 @@ def as_type(key):
 
 def make_parser():
     """CONFIG as argparse flags, one help group per heading: --key=value or --key value."""
-    p = Parser(usage=argparse.SUPPRESS, description=__doc__, allow_abbrev=False, formatter_class=lambda prog:
-               argparse.RawDescriptionHelpFormatter(prog, max_help_position=28, width=100))
+    p = Parser(usage=argparse.SUPPRESS, description=__doc__, allow_abbrev=False,   # docstring first
+               formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(
+                   prog, max_help_position=28, width=100))
     for c in CONFIG:
         if isinstance(c, str):
             group = p.add_argument_group(c)
             continue
         key, default, text = c
         kind = type(default).__name__.upper()
-        more = dict(nargs="?", const=True) if kind == "BOOL" else {}   # a bare --flag sets it
+        bare = dict(nargs="?", const=True) if kind == "BOOL" else {}   # a bare --flag sets it
         group.add_argument(f"--{key}", type=as_type(key), default=default, choices=CHOICES.get(key),
-                           metavar=None if key in CHOICES else kind, help=f"{text} (default: {default})",
-                           **more)
+                           metavar=None if key in CHOICES else kind, **bare,
+                           help=f"{text} (default: {default})".replace("%", "%%"))
     return p
 
 
