@@ -26,14 +26,12 @@ import tiktoken
 import torch
 
 # -----------------------------------------------------------------------------
-# Arithmetic multiplication: "<bos>a x b = c<eos>", one character per token.
-# The paper trains on 1-3 digit operands and tests out-of-distribution (OOD) on
-# 4-6 digits; the digit ranges are arguments so every split is reachable.
-# The answer may be written least-significant digit first ("reversed"): then
-# each answer digit depends only on digits already produced plus the operands,
-# the order in which carries are computed, which makes the task learnable by a
-# tiny model in minutes (a well-known trick, e.g. Lee et al. 2023 "Teaching
-# arithmetic to small transformers"). The operands are always written normally.
+# Arithmetic multiplication: "<bos>a x b = c<eos>", one character per token. The paper
+# trains on 1-3 digit operands and tests out-of-distribution (OOD) on 4-6 digits. The answer
+# may be written least-significant digit first ("reversed"), the order in which carries are
+# computed: each answer digit then depends only on the operands and the digits before it,
+# which a tiny model learns in minutes (Lee et al. 2023, "Teaching arithmetic to small
+# transformers"). The operands are always written normally.
 
 ARITH_CHARS = "0123456789x= "
 PAD, BOS, EOS = 0, 1, 2                               # special token ids
@@ -69,7 +67,8 @@ def arith_encode(a, b, block_size, reverse):
         answer = c[::-1] if reverse else c
         ids = [BOS] + [ARITH_STOI[ch] for ch in prompt + answer] + [EOS]
         if len(ids) > block_size + 1:
-            raise ValueError(f"problem '{prompt}{c}' needs block_size >= {len(ids) - 1}, got {block_size}")
+            raise ValueError(f"problem '{prompt}{c}' needs block_size >= {len(ids) - 1}, "
+                             f"got {block_size}")
         seq[i, :len(ids)] = ids
         start = 1 + len(prompt)                        # first answer token in seq
         tgt[i, start:len(ids)] = ids[start:]
@@ -84,19 +83,29 @@ def arith_key(a, b):
     return a * 10**9 + b
 
 
-class Arithmetic:
+class Resumable:
+    """Data drawn from the generator self.rng, whose state is part of a checkpoint: a resumed
+    run sees the same data as the uninterrupted one."""
+
+    def state_dict(self):
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, sd):
+        self.rng.bit_generator.state = sd["rng"]
+
+
+class Arithmetic(Resumable):
     """Training batches from a seeded generator plus fixed held-out ID and OOD sets.
     The held-out ID problems are excluded from training, so ID accuracy measures
-    generalization to unseen problems of the trained sizes, OOD to larger sizes.
-    The generator state is part of a checkpoint, so a resumed run sees the same data."""
+    generalization to unseen problems of the trained sizes, OOD to larger sizes."""
 
     def __init__(self, seed, block_size, train_digits=(1, 2), ood_digits=(3, 3),
                  n_eval=512, reverse=True, rank=0):
         self.block_size, self.reverse, self.train_digits = block_size, reverse, train_digits
-        need = arith_len(max(train_digits[1], ood_digits[1])) - 1
-        if block_size < need:
-            raise ValueError(f"arithmetic with {max(train_digits[1], ood_digits[1])}-digit operands "
-                             f"needs --block_size >= {need}, got {block_size}")
+        digits = max(train_digits[1], ood_digits[1])
+        if block_size < (need := arith_len(digits) - 1):
+            raise ValueError(f"arithmetic with {digits}-digit operands needs "
+                             f"--block_size >= {need}, got {block_size}")
         ev = np.random.default_rng(EVAL_SEED)          # the same test problems for every run seed
         self.id_ab = arith_sample(ev, n_eval, *train_digits)
         self.ood_ab = arith_sample(ev, n_eval, *ood_digits)
@@ -104,8 +113,9 @@ class Arithmetic:
         lo, hi = train_digits
         n_pairs = (10**hi - (0 if lo == 1 else 10 ** (lo - 1))) ** 2   # distinct training problems
         if 2 * len(self.held_out) > n_pairs:   # else batch() would resample (nearly) forever
-            raise ValueError(f"--n_eval={n_eval} holds out {len(self.held_out)} of the {n_pairs} problems with "
-                             f"{lo}-{hi} digit operands: use a smaller --n_eval or larger operands")
+            raise ValueError(f"--n_eval={n_eval} holds out {len(self.held_out)} of the {n_pairs} "
+                             f"problems with {lo}-{hi} digit operands: use a smaller --n_eval or "
+                             "larger operands")
         self.rng = np.random.default_rng([seed, rank])   # each DDP rank draws its own problems
 
     def batch(self, n):
@@ -122,26 +132,17 @@ class Arithmetic:
         return {"id": arith_encode(*self.id_ab, self.block_size, self.reverse),
                 "ood": arith_encode(*self.ood_ab, self.block_size, self.reverse)}
 
-    def state_dict(self):
-        return {"rng": self.rng.bit_generator.state}
-
-    def load_state_dict(self, sd):
-        self.rng.bit_generator.state = sd["rng"]
-
 
 def arith_decode(ids):
-    return "".join(ARITH_ITOS[int(i)] if int(i) > 2 else {BOS: "<bos>", EOS: "<eos>", PAD: ""}[int(i)]
-                   for i in ids)
+    return "".join({BOS: "<bos>", EOS: "<eos>"}.get(int(i), ARITH_ITOS[int(i)]) for i in ids)
 
 # -----------------------------------------------------------------------------
-# Catastrophic-forgetting toy, the paper's interference experiment ("GAPT
-# reduces interference by compressing and separating representations"), as the
-# author's toy is described to us; the author's script itself was not at hand.
-# One teacher MLP is moved both ways along a random low-rank direction Delta of
-# parameter space: task A is the teacher at theta0 + m Delta on inputs from P1,
-# task B the teacher at theta0 - m Delta on inputs from P2.
-# The tasks share theta0 but conflict along Delta, so a student that learns A
-# and then B overwrites A unless it keeps the two input regions apart inside.
+# Catastrophic-forgetting toy, the paper's interference experiment ("GAPT reduces interference
+# by compressing and separating representations"), rebuilt from its description (no script).
+# One teacher MLP is moved both ways along a random low-rank direction Delta of parameter
+# space: task A is the teacher at theta0 + m Delta on inputs from P1, task B at theta0 - m
+# Delta on inputs from P2. The tasks conflict along Delta, so a student that learns A and then
+# B overwrites A unless it keeps the two input regions apart inside.
 
 
 def forgetting_data(seed, n_in=10, n_hidden=50, m=0.8, rank=1, n_train=512, n_test=512):
@@ -178,12 +179,11 @@ def forgetting_data(seed, n_in=10, n_hidden=50, m=0.8, rank=1, n_train=512, n_te
 
 
 # -----------------------------------------------------------------------------
-# Token shards: GPT-2 tokens in the .bin format of llm.c and modded-nanogpt, a
-# header of 256 int32 (magic, version, token count, zeros) then uint16 tokens
-# (GPT-2's 50257 ids fit in 16 bits). A data directory holds *_val_*.bin (shard
-# 0) and *_train_*.bin shards, from FineWeb (streamed and tokenised here, as in
-# build-nanogpt's fineweb.py), modded-nanogpt's pre-tokenised FineWeb, or your
-# own text: see the command line at the end of this file.
+# Token shards: GPT-2 tokens in the .bin format of llm.c and modded-nanogpt, a header of 256
+# int32 (magic, version, token count, zeros) then uint16 tokens (GPT-2's 50257 ids fit in 16
+# bits). A data directory holds *_val_*.bin (shard 0) and *_train_*.bin shards, from FineWeb
+# (streamed and tokenised here, as in build-nanogpt's fineweb.py), modded-nanogpt's
+# pre-tokenised FineWeb, or your own text: see the command line at the end of this file.
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 EOT = 50256                                   # GPT-2's <|endoftext|>, put before every document
@@ -216,7 +216,8 @@ def read_shard(path):
         raise ValueError(f"{path}: shard version {header[1]}, expected {SHARD_VERSION}")
     n, size = int(header[2]), os.path.getsize(path)
     if size != 4 * HEADER_INTS + 2 * n:
-        raise ValueError(f"{path}: the header says {n} tokens but the file has {size} bytes; truncated?")
+        raise ValueError(f"{path}: the header says {n} tokens but the file has {size} bytes; "
+                         "truncated?")
     return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * HEADER_INTS, shape=(n,))
 
 
@@ -224,15 +225,15 @@ def find_shards(data_dir, split):
     """Sorted paths of the "train" or "val" shards in data_dir."""
     paths = sorted(str(p) for p in Path(data_dir).glob(f"*_{split}_*.bin"))
     if not paths:
-        raise FileNotFoundError(f"no {split} shards in {data_dir}: run 'python data.py fineweb --shards 10 "
-                                f"--out {data_dir}' (or 'python data.py text FILE... --out {data_dir}')")
+        raise FileNotFoundError(f"no {split} shards in {data_dir}: run 'python data.py fineweb "
+                                f"--shards 10 --out {data_dir}' (or 'python data.py text FILE... "
+                                f"--out {data_dir}')")
     return paths
 
 
-class TokenShards:
+class TokenShards(Resumable):
     """Random training windows and a fixed validation set from a directory of shards. Each
-    batch memory-maps only the shards it reads, so no shard is ever loaded whole. The generator
-    state is part of a checkpoint, so a resumed run sees the same data."""
+    batch memory-maps only the shards it reads, so no shard is ever loaded whole."""
 
     def __init__(self, data_dir, block_size, seed, rank=0, world_size=1):
         if not 0 <= rank < world_size:
@@ -273,42 +274,35 @@ class TokenShards:
         x, y = tokens[:-1].view(-1, T), tokens[1:].view(-1, T)
         return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
 
-    def state_dict(self):
-        return {"rng": self.rng.bit_generator.state}
-
-    def load_state_dict(self, sd):
-        self.rng.bit_generator.state = sd["rng"]
-
 
 # -----------------------------------------------------------------------------
-# Making shards: python data.py fineweb|text ... (see --help). Documents are
-# tokenised by a pool of processes and packed into fixed-size shards. Bad input
-# is one line "error: ..." and exit code 2; no network, or a missing optional
-# package (datasets, huggingface_hub: only downloads need them), one line and 1.
+# Making shards: python data.py fineweb|text ... (see --help). A pool of processes tokenises
+# the documents and pack() cuts their concatenation into shards. Bad input is one line
+# "error: ..." and exit code 2; no network or a missing optional package, one line and 1.
 
 class DataError(Exception):
     """Bad input: a missing or unreadable file, an empty corpus."""
 
 
 class Unavailable(Exception):
-    """No network, or a missing optional package."""
+    """No network, or a missing optional package (datasets, huggingface_hub: downloads only)."""
 
 
 def get_tokenizer(tokenizer_file=None):
     """GPT-2's BPE: tiktoken's own (downloaded once, then cached), or built offline from a
-    .tiktoken ranks file (such as the gpt2.tiktoken that ships with openai-whisper); without
-    one, $GAPT_TOKENIZER_FILE names it."""
+    .tiktoken ranks file (openai-whisper ships gpt2.tiktoken), by default $GAPT_TOKENIZER_FILE."""
     tokenizer_file = tokenizer_file or os.environ.get("GAPT_TOKENIZER_FILE")
     if not tokenizer_file:
         try:
             return tiktoken.get_encoding("gpt2")
-        except Exception:                     # requests' errors when offline, or whatever else fails
-            raise Unavailable("cannot download tiktoken's GPT-2 encoding (the machine seems offline); "
-                              "pass --tokenizer_file path/to/gpt2.tiktoken") from None
+        except Exception:                     # requests' errors when offline, or anything else
+            raise Unavailable("cannot download tiktoken's GPT-2 encoding (the machine seems "
+                              "offline); pass --tokenizer_file path/to/gpt2.tiktoken") from None
     from tiktoken.load import load_tiktoken_bpe
     from tiktoken_ext.openai_public import r50k_pat_str   # the split pattern of tiktoken's gpt2
     try:
-        enc = tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, special_tokens={"<|endoftext|>": EOT},
+        enc = tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str,
+                                special_tokens={"<|endoftext|>": EOT},
                                 mergeable_ranks=load_tiktoken_bpe(str(tokenizer_file)))
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read tokenizer file {tokenizer_file} "
@@ -318,12 +312,9 @@ def get_tokenizer(tokenizer_file=None):
     return enc
 
 
-_enc = None                                   # each pool worker's tokenizer
-
-
 def _init_worker(tokenizer_file):
-    global _enc
-    _enc = get_tokenizer(tokenizer_file)      # from the path: cheaper than pickling an encoder
+    global _enc                               # each pool worker's own, loaded from the path
+    _enc = get_tokenizer(tokenizer_file)
 
 
 def _tokenize(text):
@@ -331,10 +322,10 @@ def _tokenize(text):
 
 
 def tokenize_documents(docs, tokenizer_file=None):
-    """Yield each document's tokens, <|endoftext|> first, in order, from a pool of processes.
+    """Yield each document's tokens, <|endoftext|> first, in order, from a pool on every core.
     Load the tokenizer once before (a worker that fails to start is restarted forever), and call
     this under `if __name__ == "__main__":`, which a pool needs where processes are spawned."""
-    with mp.Pool(os.cpu_count() or 1, _init_worker, (tokenizer_file,)) as pool:   # every core
+    with mp.Pool(os.cpu_count() or 1, _init_worker, (tokenizer_file,)) as pool:
         yield from pool.imap(_tokenize, docs, chunksize=16)
 
 
@@ -346,7 +337,8 @@ def progress(token_docs, total, every=10.0):
         n += len(tokens)
         if time.time() - last > every:
             last, rate = time.time(), n / (time.time() - t0)
-            print(f"{n / 1e6:.1f}M tokens, {rate / 1e3:.0f}k tokens/s, ETA {(total - n) / rate / 60:.1f} min")
+            eta = (total - n) / rate / 60
+            print(f"{n / 1e6:.1f}M tokens, {rate / 1e3:.0f}k tokens/s, ETA {eta:.1f} min")
 
 
 def pack(token_docs, sizes):
@@ -368,43 +360,40 @@ def pack(token_docs, sizes):
 
 
 def claim(out_dir, prefix):
-    """The names of the shards already in out_dir, all of this corpus: gapt.py reads every shard in a
-    folder, so another corpus's there is refused, before anything is downloaded or written."""
+    """The names of this corpus's shards already in out_dir. gapt.py reads every shard of a
+    folder, so another corpus's shards there are refused, before anything is downloaded."""
     old = {p.name for split in ("train", "val") for p in Path(out_dir).glob(f"*_{split}_*.bin")}
-    others = sorted(n for n in old if not n.startswith(prefix + "_"))
-    if others:
-        raise DataError(f"{out_dir} holds another corpus's shards ({others[0]}, ...): choose another --out")
+    if others := sorted(n for n in old if not n.startswith(prefix + "_")):
+        raise DataError(f"{out_dir} holds another corpus's shards ({others[0]}, ...): "
+                        "choose another --out")
     return old
 
 
-def write_shards(token_docs, out_dir, prefix, old, shard_size, val_size, max_train=None):
-    """Write out_dir/{prefix}_{val|train}_{idx:06d}.bin: the val shard 0 holds the first val_size
-    tokens, then come train shards of shard_size, at most max_train of them. They are written to
-    out_dir/.partial and moved in place at the end, replacing old, this corpus's earlier shards
-    (from claim): a run stopped half-way leaves the earlier corpus whole, never a mix of the two."""
+def write_shards(token_docs, out_dir, prefix, old, sizes):
+    """out_dir/{prefix}_val_000000.bin, then {prefix}_train_000001.bin, ..., of the given sizes.
+    They are staged in out_dir/.partial and moved in place at the end, replacing old: a run
+    stopped half-way leaves the earlier corpus whole, never a mix of the two."""
     staging = os.path.join(out_dir, ".partial")
     try:
         shutil.rmtree(staging, ignore_errors=True)           # what a stopped run left
         os.makedirs(staging)
     except OSError as e:
         raise DataError(f"--out {out_dir}: cannot make this folder ({e.strerror or e})") from None
-    train = itertools.repeat(shard_size) if max_train is None else itertools.repeat(shard_size, max_train)
     names, lengths = [], []
-    for i, shard in enumerate(pack(token_docs, itertools.chain([val_size], train))):
+    for i, shard in enumerate(pack(token_docs, sizes)):
         names.append(f"{prefix}_{'train' if i else 'val'}_{i:06d}.bin")
         write_shard(os.path.join(staging, names[-1]), shard)
         lengths.append(len(shard))
     if not lengths:
         shutil.rmtree(staging)
         raise DataError("no text to write")
-    stale = old - set(names)
-    for name in stale:
+    for name in (stale := old - set(names)):
         os.remove(os.path.join(out_dir, name))
     for name in names:
         os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
     os.rmdir(staging)
-    print(f"{out_dir}: val {lengths[0]:,} tokens, train {sum(lengths[1:]):,} in {len(lengths) - 1} shards"
-          + (f" ({len(stale)} older shards removed)" if stale else ""))
+    print(f"{out_dir}: val {lengths[0]:,} tokens, train {sum(lengths[1:]):,} in "
+          f"{len(lengths) - 1} shards" + (f" ({len(stale)} older shards removed)" if stale else ""))
 
 
 def require(package):
@@ -420,20 +409,19 @@ def offline(what, e):
 
 def texts(rows, error):
     """Each row's "text". A failure while reading (the network, a bad file) becomes error(e),
-    which, raised in the pool's feeder thread, reaches the reader of the tokens."""
+    raised in the pool's feeder thread, from where it reaches the reader of the tokens."""
     try:
         for row in rows:
-            if not isinstance(row["text"], str):
-                raise TypeError(f'"text" is not a string but {type(row["text"]).__name__}')
-            yield row["text"]
+            if not isinstance(text := row["text"], str):
+                raise TypeError(f'"text" is not a string but {type(text).__name__}')
+            yield text
     except Exception as e:
         raise error(e) from None
 
 
 def read_rows(path):
-    """Rows {"text": ...} of a file: one per line of a .jsonl, one per row of a .parquet (both
-    as in FineWeb), and for any other file (UTF-8 text) one per block between blank lines.
-    A local copy of FineWeb thus goes through the same pipeline as the download."""
+    """Rows {"text": ...}: a line of a .jsonl or a row of a .parquet, as in FineWeb (so a local
+    copy takes the download's path), and in any other (UTF-8) file a block between blank lines."""
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
         for batch in pq.ParquetFile(path).iter_batches(columns=["text"]):
@@ -442,7 +430,8 @@ def read_rows(path):
         with open(path, encoding="utf-8") as f:
             yield from (json.loads(line) for line in f if line.strip())
     else:
-        yield from ({"text": b} for b in re.split(r"\n\s*\n", Path(path).read_text(encoding="utf-8")))
+        text = Path(path).read_text(encoding="utf-8")
+        yield from ({"text": block} for block in re.split(r"\n\s*\n", text))
 
 
 def file_docs(path):
@@ -453,28 +442,32 @@ def file_docs(path):
 
 def download_cached(n, out_dir):
     """modded-nanogpt's pre-tokenised FineWeb (kjj0/fineweb10B-gpt2, shards of 10**8 tokens in
-    the same format): the val shard and n train shards. Shards already there are kept."""
+    this format): the val shard and n train shards. Shards already there are kept."""
     hub = require("huggingface_hub")
-    for name in ["fineweb_val_000000.bin"] + [f"fineweb_train_{i:06d}.bin" for i in range(1, n + 1)]:
+    for i in range(n + 1):
+        name = f"fineweb_{'train' if i else 'val'}_{i:06d}.bin"
         if not os.path.exists(os.path.join(out_dir, name)):
             try:
-                hub.hf_hub_download(repo_id="kjj0/fineweb10B-gpt2", filename=name, repo_type="dataset",
-                                    local_dir=out_dir)
+                hub.hf_hub_download(repo_id="kjj0/fineweb10B-gpt2", filename=name,
+                                    repo_type="dataset", local_dir=out_dir)
             except Exception as e:
                 raise offline(name, e) from None
         print(f"{out_dir}/{name}: {len(read_shard(os.path.join(out_dir, name))):,} tokens")
 
 
-def prepare_fineweb(args):
-    out_dir = args.out or ("data/edu_fineweb10B" if args.edu else "data/fineweb10B")
-    if args.cached:
-        return download_cached(args.cached, out_dir)
-    old = claim(out_dir, "fineweb")
-    if args.local:
+def prepare(args):
+    """One corpus, read (or streamed), tokenised and written as shards."""
+    if args.source == "fineweb" and args.cached:
+        return download_cached(args.cached, args.out)
+    old = claim(args.out, args.source)
+    if args.source == "text":
+        docs = [d.strip() for path in args.files for d in file_docs(path) if d.strip()]
+        if not docs:
+            raise DataError(f"no text in {' '.join(args.files)}")
+    elif args.local:
         docs = file_docs(args.local)
-    else:                                     # streamed: a small --shards downloads only what it needs
-        datasets = require("datasets")
-        name = "HuggingFaceFW/fineweb-edu" if args.edu else "HuggingFaceFW/fineweb"
+    else:                         # streamed: a small --shards downloads only what it needs
+        datasets, name = require("datasets"), f"HuggingFaceFW/fineweb{'-edu' if args.edu else ''}"
         try:
             rows = datasets.load_dataset(name, name="sample-10BT", split="train", streaming=True)
         except Exception as e:
@@ -482,72 +475,60 @@ def prepare_fineweb(args):
         docs = texts(rows, lambda e: offline(name, e))
     get_tokenizer(args.tokenizer_file)
     token_docs = tokenize_documents(docs, args.tokenizer_file)
+    if args.source == "text":
+        # val is the first val_fraction of the tokens, at least one and at most a shard, and train
+        # keeps at least one: a small corpus still makes both (every document has >= 2 tokens)
+        token_docs = list(token_docs)
+        n = sum(map(len, token_docs))
+        val_size = int(np.clip(round(args.val_fraction * n), 1, min(args.shard_size, n - 1)))
+        return write_shards(token_docs, args.out, "text", old,
+                            itertools.chain([val_size], itertools.repeat(args.shard_size)))
     try:
-        write_shards(progress(token_docs, (args.shards + 1) * args.shard_size), out_dir, "fineweb", old,
-                     args.shard_size, args.shard_size, args.shards)
+        total = (args.shards + 1) * args.shard_size
+        write_shards(progress(token_docs, total), args.out, "fineweb", old,
+                     itertools.repeat(args.shard_size, args.shards + 1))
     finally:
-        token_docs.close()                    # stops the pool, and the download, once enough is written
-
-
-def prepare_text(args):
-    old = claim(args.out, "text")
-    docs = [d.strip() for path in args.files for d in file_docs(path) if d.strip()]
-    if not docs:
-        raise DataError(f"no text in {' '.join(args.files)}")
-    get_tokenizer(args.tokenizer_file)
-    token_docs = list(tokenize_documents(docs, args.tokenizer_file))
-    n = sum(map(len, token_docs))
-    # val is the first val_fraction of the tokens, at most a shard and at least a token, and train
-    # keeps at least a token: a small corpus still makes both (every document has >= 2 tokens)
-    val_size = int(np.clip(round(args.val_fraction * n), 1, min(args.shard_size, n - 1)))
-    write_shards(token_docs, args.out, "text", old, args.shard_size, val_size)
-
-
-def positive(s):
-    if int(s) < 1:
-        raise argparse.ArgumentTypeError(f"{s} is not positive")
-    return int(s)
+        token_docs.close()        # stops the pool, and the download, once enough is written
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):                 # one line, not the usage block (its subcommands use it too)
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
+    def error(self, message):                 # one line, not the usage block (subcommands too)
+        raise DataError(f"{message} (see --help)")
 
 
 def main(argv=None):
     p = Parser(description="Make GPT-2 token shards (llm.c's .bin format) for gapt.py.")
     sub = p.add_subparsers(dest="source", required=True)
-    fw = sub.add_parser("fineweb", help="FineWeb sample-10BT, streamed from Hugging Face and tokenised")
+    fw = sub.add_parser("fineweb", help="FineWeb sample-10BT, streamed and tokenised")
     count = fw.add_mutually_exclusive_group(required=True)
-    count.add_argument("--shards", type=positive, help="train shards to make, after the val shard")
-    count.add_argument("--cached", type=positive, help="instead download this many pre-tokenised train "
+    count.add_argument("--shards", type=int, help="train shards to make, after the val shard")
+    count.add_argument("--cached", type=int, help="instead download this many pre-tokenised train "
                        "shards (and the val shard) of modded-nanogpt's kjj0/fineweb10B-gpt2")
     fw.add_argument("--edu", action="store_true", help="FineWeb-Edu instead of FineWeb")
-    fw.add_argument("--local", metavar="FILE", help="a .parquet or .jsonl with FineWeb's 'text' column "
-                    "to read instead of downloading (to test offline)")
-    fw.add_argument("--out", help="output directory (default data/fineweb10B, or data/edu_fineweb10B)")
-    fw.set_defaults(run=prepare_fineweb)
-    tx = sub.add_parser("text", help="your own .txt / .jsonl files", description="Shards from your own "
-                        "files: one document per record ('text' field) of a .jsonl or .parquet, and in any "
-                        "other file, read as UTF-8 text, one per block of lines between blank lines. The "
-                        "val shard is the first --val_fraction of all the tokens, the train shards the rest.")
+    fw.add_argument("--local", metavar="FILE", help="FineWeb's rows from this .parquet or .jsonl")
+    tx = sub.add_parser("text", help="your own files: a document per 'text' of a .jsonl or "
+                        ".parquet, else per block between blank lines")
     tx.add_argument("files", nargs="+", metavar="FILE")
-    tx.add_argument("--out", default="data/text", help="output directory (default data/text)")
-    tx.add_argument("--val_fraction", type=float, default=0.1, help="share of the tokens for val (default "
-                    "0.1, at most a shard; at least one token each for val and train)")
-    tx.set_defaults(run=prepare_text)
+    tx.add_argument("--val_fraction", type=float, default=0.1, help="share of the tokens for val "
+                    "(default 0.1; at most a shard, at least a token, and a token left for train)")
+    fw.add_argument("--out", help="output folder (default data/fineweb10B or data/edu_fineweb10B)")
+    tx.add_argument("--out", default="data/text", help="output folder (default data/text)")
     for s in (fw, tx):
-        s.add_argument("--shard_size", type=positive, default=10**8, help="tokens per shard (default 10**8)")
-        s.add_argument("--tokenizer_file", help="a GPT-2 "
-                       ".tiktoken ranks file, to work offline (default: $GAPT_TOKENIZER_FILE)")
-    args = p.parse_args(argv)
-    if not 0 < getattr(args, "val_fraction", 0.5) < 1:
-        p.error("--val_fraction must be between 0 and 1")
-    if getattr(args, "cached", None) and (args.edu or args.local):
-        p.error("--cached downloads FineWeb itself: no --edu or --local")
+        s.add_argument("--shard_size", type=int, default=10**8, help="tokens per shard (10**8)")
+        s.add_argument("--tokenizer_file", help="a GPT-2 .tiktoken file, to work offline "
+                       "(default: $GAPT_TOKENIZER_FILE)")
     try:
-        args.run(args)
+        args = p.parse_args(argv)
+        if args.out is None:      # FineWeb's default folder depends on --edu
+            args.out = "data/edu_fineweb10B" if args.edu else "data/fineweb10B"
+        for key in ("shards", "cached", "shard_size"):
+            if getattr(args, key, None) is not None and getattr(args, key) < 1:
+                p.error(f"argument --{key}: must be positive")
+        if not 0 < getattr(args, "val_fraction", 0.5) < 1:
+            p.error("--val_fraction must be between 0 and 1")
+        if getattr(args, "cached", None) and (args.edu or args.local):
+            p.error("--cached downloads FineWeb itself: no --edu or --local")
+        prepare(args)
     except (DataError, Unavailable) as e:
         print("error: " + str(e).replace("\n", " "), file=sys.stderr)
         return 2 if isinstance(e, DataError) else 1

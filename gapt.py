@@ -20,10 +20,12 @@ Read top to bottom: config -> model -> MBE -> IBLM -> GAPT -> data -> loop, then
 forgetting toy, the experiments (--compare) and the benchmark (--bench).
 Importing this file has no side effects; everything runs under __main__.
 """
+import argparse
 import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from collections import deque
@@ -36,10 +38,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-# Config: flat defaults, each with its meaning. Override with --key=value.
+# Config: flat defaults, each with its meaning. Override with --key=value (or --key value).
 
 CONFIG = [
-    # what to run
+    "what to run",
     ("task", "arithmetic", "arithmetic (built in, no download) | text (token shards from data.py) | forgetting (MLP toy)"),
     ("phase_mode", "gapt", "gapt (switch phases) | memorize (CE only: the baseline) | compress (CE + MBE always)"),
     ("out_dir", "out", "log.jsonl, config.json, ckpt.pt and curves.png go here"),
@@ -52,7 +54,7 @@ CONFIG = [
                          "so the GPU never waits; else 0) | 0 | 1"),
     ("bench", False, "time memorise and compress steps against a plain PyTorch loop, print a table, train nothing"),
     ("bench_steps", 20, "--bench: timed steps per mode, after 3 warm-up steps"),
-    # model
+    "model",
     ("model", "tiny", "size preset: tiny (4 layers, 4 heads, 128 wide) | small (6/6/384) | gpt2 (12/12/768, 124M)"),
     ("n_layer", 0, "transformer blocks (0 = from --model)"),
     ("n_head", 0, "attention heads (0 = from --model)"),
@@ -60,7 +62,7 @@ CONFIG = [
     ("block_size", 0, "context length (0 = task default: arithmetic fits its longest problem, text 256 / gpt2 1024)"),
     ("dropout", 0.0, "dropout probability"),
     ("bias", True, "biases in Linear and LayerNorm layers, as GPT-2"),
-    # GAPT: MBE, the IBLM loss and the phase controller
+    "GAPT: MBE, the IBLM loss and the phase controller",
     ("mbe_weight", 1.0, "weight of the MBE term in the compression phase: L = CE + mbe_weight * M"),
     ("patch_size", 8, "MBE window: entropy of each run of patch_size consecutive tokens"),
     ("mbe_layers", "inner", "layers whose MBE is compressed: inner (all but first and last; all if < 3 layers) | all | list like 1,2"),
@@ -69,20 +71,20 @@ CONFIG = [
     ("delta_ce", 0.01, "CE improvement (nats) that resets the memorisation patience"),
     ("delta_mbe", 0.002, "MBE improvement (nats) that resets the compression patience"),
     ("tau", 0.1, "CE spike tolerance: compression ends when CE > (1 + tau) * its best in the phase"),
-    # arithmetic task
+    "arithmetic task",
     ("digits_min", 1, "smallest operand digit count in training (paper: 1)"),
     ("digits_max", 2, "largest operand digit count in training (paper: 3)"),
     ("ood_digits_min", 3, "smallest operand digit count of the out-of-distribution test (paper: 4)"),
     ("ood_digits_max", 3, "largest operand digit count of the out-of-distribution test (paper: 6)"),
     ("reverse_answer", True, "write the product least-significant digit first (learnable in minutes)"),
     ("n_eval", 512, "problems in each fixed test set (ID and OOD)"),
-    # text task
+    "text task",
     ("data_dir", "data/fineweb10B", "directory with *_train_*.bin and *_val_*.bin shards (data.py)"),
     ("val_tokens", 65536, "fixed validation token budget: the same val tokens at every eval"),
     ("tokenizer_file", "", "a GPT-2 .tiktoken ranks file, for machines that cannot download the BPE ($GAPT_TOKENIZER_FILE)"),
-    # forgetting toy
+    "forgetting toy",
     ("forget_m", 0.8, "task A's teacher is theta0 + m * Delta, task B's theta0 - m * Delta (paper: 0.8)"),
-    # optimisation
+    "optimisation",
     ("batch_size", 64, "micro-batch size in sequences, per process"),
     ("total_batch_size", 0, "tokens per optimizer step over all processes (0 = one micro-batch each)"),
     ("max_iters", 2000, "optimizer steps"),
@@ -93,17 +95,17 @@ CONFIG = [
     ("beta1", 0.9, "AdamW beta1"),
     ("beta2", 0.99, "AdamW beta2"),
     ("grad_clip", 1.0, "clip the gradient norm to this (0 = off)"),
-    # evaluation and logging
+    "evaluation and logging",
     ("eval_interval", 250, "steps between evaluations and checkpoints (0 = none but the last checkpoint)"),
     ("log_interval", 50, "steps between printed lines (every step goes to log.jsonl)"),
     ("align_interval", 0, "every K steps log the cosine between grad(CE) and grad(MBE) (0 = off)"),
     ("max_bad_steps", 3, "stop after this many consecutive steps with a non-finite loss or gradient"),
-    # experiments
+    "experiments",
     ("compare", "", "run these phase modes, e.g. memorize,gapt,compress, x --seeds into out_dir, then a figure"),
     ("seeds", 3, "seeds per arm for --compare (--seed, --seed+1, ...)"),
     ("fig", "", "figure path for --compare (default out_dir/<task>.png; cycle.png beside it with --align_interval)"),
 ]
-DEFAULTS = {k: v for k, v, _ in CONFIG}
+DEFAULTS = {c[0]: c[1] for c in CONFIG if isinstance(c, tuple)}   # a string heads a group of flags
 CHOICES = {"task": ("arithmetic", "text", "forgetting"), "phase_mode": ("gapt", "memorize", "compress"),
            "init_from": ("scratch", "resume"), "dtype": ("auto", "float32", "bfloat16", "float16"),
            "compile": ("auto", "on", "off"), "read_lag": ("auto", "0", "1"), "model": ("tiny", "small", "gpt2")}
@@ -114,41 +116,60 @@ class ConfigError(ValueError):
     """Bad input from the user: reported as one line, exit code 2."""
 
 
-def parse_value(key, text):
-    """Convert a command-line string to the type of the key's default."""
-    kind = type(DEFAULTS[key])
-    try:
-        if kind is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        return kind(text)              # float("3") is fine: an int is accepted where a float is expected
-    except ValueError:
-        raise ConfigError(f"--{key}={text}: expected {kind.__name__} (default {DEFAULTS[key]!r})") from None
+BOOLS = {**dict.fromkeys(("1", "true", "yes", "on"), True),
+         **dict.fromkeys(("0", "false", "no", "off"), False)}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):   # one line and exit 2, nothing written, as for all bad input
+        raise ConfigError(re.sub(r"^argument (--\w+): (?=\1=)|^argument ", "", message))
+
+
+def as_type(key):
+    """Text -> the type of the key's default; an int is accepted where a float is expected."""
+    kind, choices = type(DEFAULTS[key]), CHOICES.get(key)
+
+    def convert(text):
+        if choices and text not in choices:
+            raise argparse.ArgumentTypeError(f"--{key}={text}: choose one of {' | '.join(choices)}")
+        try:
+            return BOOLS[text.lower()] if kind is bool else kind(text)
+        except (KeyError, ValueError):
+            raise argparse.ArgumentTypeError(
+                f"--{key}={text}: expected {kind.__name__} (default {DEFAULTS[key]!r})") from None
+    return convert
+
+
+def make_parser():
+    """CONFIG as argparse flags, one help group per heading: --key=value or --key value."""
+    p = Parser(usage=argparse.SUPPRESS, description=__doc__, allow_abbrev=False,   # docstring first
+               formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(
+                   prog, max_help_position=28, width=100))
+    for c in CONFIG:
+        if isinstance(c, str):
+            group = p.add_argument_group(c)
+            continue
+        key, default, text = c
+        kind = type(default).__name__.upper()
+        bare = dict(nargs="?", const=True) if kind == "BOOL" else {}   # a bare --flag sets it
+        group.add_argument(f"--{key}", type=as_type(key), default=default, choices=CHOICES.get(key),
+                           metavar=None if key in CHOICES else kind, **bare,
+                           help=f"{text} (default: {default})".replace("%", "%%"))
+    return p
 
 
 def parse_args(argv):
-    """--key=value overrides of DEFAULTS; a bare --flag sets a boolean to True."""
-    cfg = dict(DEFAULTS)
-    for arg in argv:
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument '{arg}': use --key=value (see --help)")
-        key, eq, text = arg[2:].partition("=")
-        if key not in DEFAULTS:
-            raise ConfigError(f"unknown flag --{key} (see --help)")
-        if not eq and type(DEFAULTS[key]) is not bool:
-            raise ConfigError(f"--{key} needs a value: --{key}=...")
-        cfg[key] = parse_value(key, text) if eq else True
-    return validate(cfg)
+    """The config dict from command-line flags, checked; ConfigError on bad input."""
+    args, rest = make_parser().parse_known_args(argv)
+    for arg in rest:
+        if arg.startswith("-"):
+            raise ConfigError(f"unknown flag {arg.partition('=')[0]} (see --help)")
+        raise ConfigError(f"unexpected argument '{arg}': use --key=value (see --help)")
+    return validate(vars(args))
 
 
 def validate(cfg):
     """Reject values that would fail later (or silently do the wrong thing)."""
-    for key, choices in CHOICES.items():
-        if cfg[key] not in choices:
-            raise ConfigError(f"--{key}={cfg[key]}: choose one of {' | '.join(choices)}")
     for key in ("p_m", "p_c", "batch_size", "max_iters", "patch_size", "n_eval", "log_interval",
                 "max_bad_steps", "val_tokens", "seeds", "bench_steps"):
         if cfg[key] <= 0:
@@ -212,11 +233,6 @@ def mbe_layer_ids(spec, n_layer):
         raise ConfigError(f"--mbe_layers={spec}: layers must be in 0..{n_layer - 1}")
     return ids
 
-
-def print_help():
-    print(__doc__.strip() + "\n\nflags (--key=value):")
-    for key, default, text in CONFIG:
-        print(f"  --{key:<16} {default!s:<16} {text}")
 
 # -----------------------------------------------------------------------------
 # Model: GPT-2 as in nanoGPT. Parameter names follow Hugging Face's GPT-2 so
@@ -1318,9 +1334,6 @@ def bench(cfg):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print_help()
-        return 0
     try:
         cfg = parse_args(argv)
         if cfg["bench"]:
