@@ -1126,19 +1126,58 @@ def sd(v):
     return v.std(0, ddof=1) if len(v) > 1 else np.zeros(v.shape[1:])
 
 
+def t_quantile(p, df):
+    """Student's t quantile (p > 0.5, integer df) by bisection on the exact CDF: P(|T| < t) is a
+    finite sum in cos(theta)^2, theta = atan(t / sqrt(df)) (Abramowitz & Stegun 26.7.3-4)."""
+    def central(t):   # P(|T| < t)
+        th = math.atan(t / math.sqrt(df))
+        term, total = 1.0, 0.0
+        for j in range(df // 2):
+            total += term
+            term *= math.cos(th) ** 2 * (2 * j + 1 + df % 2) / (2 * j + 2 + df % 2)
+        if df % 2 == 0:
+            return math.sin(th) * total
+        return 2 / math.pi * (th + math.sin(th) * math.cos(th) * total)
+    lo, hi = 0.0, 1.0
+    while central(hi) < 2 * p - 1:
+        lo, hi = hi, 2 * hi
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if central(mid) < 2 * p - 1 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired_diff(base, other, level=0.95):
+    """Mean of other - base over seeds, paired by seed (the arms share data and seeds), and its
+    paired t interval, mean +- t_{(1+level)/2, n-1} * sd / sqrt(n); None for a single seed."""
+    d = np.asarray(other, dtype=float) - np.asarray(base, dtype=float)
+    if len(d) < 2:
+        return {"diff": float(d.mean()), "ci95": None}
+    half = t_quantile((1 + level) / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    return {"diff": float(d.mean()), "ci95": [float(d.mean() - half), float(d.mean() + half)]}
+
+
 def compare_table(dirs):
-    """Final eval metrics per arm: mean and std over seeds; printed as markdown."""
-    table = {}
-    for arm, outs in dirs.items():
-        finals = [read_log(o, "eval")[-1] for o in outs]
-        keys = [k for k, v in finals[0].items() if isinstance(v, float)]
-        table[arm] = {k: (float(np.mean([f[k] for f in finals])), float(sd([f[k] for f in finals])))
-                      for k in keys}
-    keys = list(next(iter(table.values())))
-    print(f"\n| arm (n={len(next(iter(dirs.values())))}) | " + " | ".join(keys) + " |")
-    print("|---" * (len(keys) + 1) + "|")
+    """Final eval metrics per arm: mean and std over seeds, and each later arm's paired difference
+    from the first (the baseline) with its 95% t interval, under "vs_<baseline>"; as markdown."""
+    finals = {arm: [read_log(o, "eval")[-1] for o in outs] for arm, outs in dirs.items()}
+    base, n = next(iter(dirs)), len(dirs[next(iter(dirs))])
+    keys = [k for k, v in finals[base][0].items() if isinstance(v, float)]
+    vals = {arm: {k: [f[k] for f in fs] for k in keys} for arm, fs in finals.items()}
+    table = {arm: {k: (float(np.mean(v)), float(sd(v))) for k, v in row.items()}
+             for arm, row in vals.items()}
+    head = " | ".join(keys) + " |\n" + "|---" * (len(keys) + 1) + "|"
+    print(f"\n| arm (n={n}) | {head}")
     for arm, row in table.items():
         print(f"| {arm} | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in row.values()) + " |")
+    if len(dirs) > 1:
+        print(f"\n| arm - {base}: mean [95% paired t interval] | {head}")
+    for arm in list(dirs)[1:]:
+        diffs = {k: paired_diff(vals[base][k], vals[arm][k]) for k in keys}
+        table[arm]["vs_" + base] = diffs
+        lohi = [d["ci95"] or (math.nan, math.nan) for d in diffs.values()]   # nan: a single seed
+        print(f"| {arm} | " + " | ".join(f"{d['diff']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+                                         for d, (lo, hi) in zip(diffs.values(), lohi)) + " |")
     return table
 
 

@@ -1190,3 +1190,65 @@ def test_torchrun_exits_cleanly_run_after_run(tmp_path):
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=HERE)
         assert r.returncode == 0 and "done: 6 steps" in r.stdout, r.stderr[-2000:]
         assert "terminate called" not in r.stderr and "SIGABRT" not in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# issue 14, parts 2-3: --compare's paired differences from the baseline arm, with t intervals
+
+
+def test_t_quantile_matches_the_printed_t_table():
+    for p, df, t in ((0.975, 1, 12.706), (0.975, 2, 4.303), (0.975, 3, 3.182), (0.975, 19, 2.093),
+                     (0.975, 30, 2.042), (0.995, 3, 5.841), (0.95, 10, 1.812)):
+        assert gapt.t_quantile(p, df) == pytest.approx(t, abs=1e-3), (p, df)
+    assert gapt.t_quantile(0.975, 2000) == pytest.approx(1.961, abs=1e-3)   # the normal's: 1.960
+
+
+def test_paired_diff_is_the_hand_computed_paired_t_interval():
+    # differences 1, 2, 3, 4: mean 2.5, sd 1.2910, t_{0.975,3} = 3.1824,
+    # half-width 3.1824 * 1.2910 / sqrt(4) = 2.0542
+    r = gapt.paired_diff([10.0, 20.0, 30.0, 40.0], [11.0, 22.0, 33.0, 44.0])
+    assert r["diff"] == 2.5 and r["ci95"] == pytest.approx([0.4458, 4.5542], abs=1e-4)
+    other = gapt.paired_diff([10.0, 20.0, 30.0, 40.0], [22.0, 11.0, 44.0, 33.0])   # re-paired
+    assert other["diff"] == pytest.approx(2.5) and other["ci95"][0] < -10 and other["ci95"][1] > 15
+    assert gapt.paired_diff([1.0], [3.0]) == {"diff": 2.0, "ci95": None}   # one seed: no interval
+
+
+def test_compare_table_differences_are_from_the_first_arm_and_paired_by_seed(tmp_path, capsys):
+    arms = {"memorize": [1, 2, 3, 4], "gapt": [2, 4, 6, 8], "compress": [3, 4, 5, 6]}   # per seed
+    dirs = {}
+    for arm, seps in arms.items():
+        dirs[arm] = [str(tmp_path / f"{arm}_seed{s}") for s in range(4)]
+        for out, sep in zip(dirs[arm], seps):
+            os.makedirs(out)
+            recs = [{"kind": "eval", "step": 1, "separation": -1.0, "loss": 9.0},   # not the last
+                    {"kind": "eval", "step": 2, "separation": float(sep), "loss": 0.5,
+                     "layers": [1.0, 2.0]}]                                   # no table column
+            Path(out, "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    table = json.loads(json.dumps(gapt.compare_table(dirs)))   # as results.json holds it
+    assert table["memorize"] == {"separation": [2.5, pytest.approx(1.2910, abs=1e-4)],
+                                 "loss": [0.5, 0.0]}
+    vs = table["gapt"]["vs_memorize"]["separation"]                     # differences 1, 2, 3, 4
+    assert vs["diff"] == 2.5 and vs["ci95"] == pytest.approx([0.4458, 4.5542], abs=1e-4)
+    assert table["gapt"]["vs_memorize"]["loss"] == {"diff": 0.0, "ci95": [0.0, 0.0]}
+    vs = table["compress"]["vs_memorize"]["separation"]   # from memorize, not gapt
+    assert vs == {"diff": 2.0, "ci95": [2.0, 2.0]}
+    out = capsys.readouterr().out
+    assert "| arm - memorize: mean [95% paired t interval] | separation | loss |" in out
+    assert "| gapt | +2.5000 [+0.4457, +4.5543] | +0.0000 [+0.0000, +0.0000] |" in out
+
+
+def test_compare_writes_each_arms_paired_differences_to_results_json(tmp_path):
+    out = tmp_path / "cmp"
+    r = run_gapt("--task=forgetting", "--compare=memorize,gapt", "--seeds=3", "--max_iters=10",
+                 f"--out_dir={out}", f"--fig={tmp_path / 'forget.png'}")
+    assert r.returncode == 0, r.stderr
+    table = json.loads((out / "results.json").read_text())
+    assert "vs_memorize" not in table["memorize"]
+    assert "| arm - memorize: mean [95% paired t interval] |" in r.stdout
+    final = {a: [read_log(out / f"{a}_seed{s}", "eval")[-1] for s in range(3)] for a in table}
+    for k, d in table["gapt"]["vs_memorize"].items():
+        diffs = [g[k] - m[k] for g, m in zip(final["gapt"], final["memorize"])]
+        half = 4.3027 * np.std(diffs, ddof=1) / math.sqrt(3)   # t_{0.975, 2} = 4.3027
+        assert d["diff"] == pytest.approx(np.mean(diffs)), k
+        assert d["ci95"] == pytest.approx([np.mean(diffs) - half, np.mean(diffs) + half],
+                                          abs=1e-4), k
