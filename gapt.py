@@ -37,6 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
+
 # -----------------------------------------------------------------------------
 # Config: flat defaults, each with its meaning. Override with --key=value (or --key value).
 
@@ -198,23 +200,17 @@ def validate(cfg):
     return cfg
 
 
-def resolve(cfg, vocab_size):
-    """Fill in what depends on the task: model shape and context length."""
+def resolve(cfg):
+    """Fill in what depends on the task: model shape, context length, vocabulary."""
     cfg = dict(cfg)
     for key, v in zip(("n_layer", "n_head", "n_embd"), PRESETS[cfg["model"]]):
         cfg[key] = cfg[key] or v
     if cfg["n_embd"] % cfg["n_head"]:
         raise ConfigError(f"--n_embd={cfg['n_embd']} must be divisible by --n_head={cfg['n_head']}")
-    if cfg["block_size"] == 0:
-        if cfg["task"] == "arithmetic":   # fit the longest problem, rounded up to whole MBE windows
-            from data import arith_len
-            need = arith_len(max(cfg["digits_max"], cfg["ood_digits_max"])) - 1
-            cfg["block_size"] = -(-need // cfg["patch_size"]) * cfg["patch_size"]
-        else:
-            cfg["block_size"] = 1024 if cfg["model"] == "gpt2" else 256
+    cfg["block_size"] = cfg["block_size"] or TASKS[cfg["task"]].context(cfg)
     if cfg["block_size"] % cfg["patch_size"]:
         raise ConfigError(f"--block_size={cfg['block_size']} is not divisible by --patch_size={cfg['patch_size']}")
-    cfg["vocab_size"] = vocab_size
+    cfg["vocab_size"] = TASKS[cfg["task"]].vocab_size
     cfg["layers"] = mbe_layer_ids(cfg["mbe_layers"], cfg["n_layer"])
     return cfg
 
@@ -441,32 +437,73 @@ class GAPT:
         for k, v in sd.items():
             setattr(self, k, v)
 
+
+def controller(cfg):
+    """GAPT with cfg's thresholds, and the first phase: the controller's under --phase_mode=gapt,
+    fixed under memorize (the CE-only baseline) and compress (the static regulariser)."""
+    c = GAPT(cfg["delta_ce"], cfg["delta_mbe"], cfg["tau"], cfg["p_m"], cfg["p_c"])
+    return c, {"gapt": c.phase, "memorize": MEMORIZE, "compress": COMPRESS}[cfg["phase_mode"]]
+
 # -----------------------------------------------------------------------------
-# Data and evaluation. The arithmetic task is generated on the fly (data.py);
-# the text task reads GPT-2 token shards prepared by data.py.
+# Tasks and evaluation. What differs between tasks sits in one table, TASKS: the data and
+# fixed eval sets (from data.py), the vocabulary, the default context, the metrics kept and
+# the panels of --compare's figure. A new task is a data class in data.py and an entry here.
+
+
+def arithmetic_data(cfg, rank, world):
+    """Multiplication problems drawn on the fly, and the fixed ID and OOD test sets."""
+    d = data.Arithmetic(cfg["seed"], cfg["block_size"], (cfg["digits_min"], cfg["digits_max"]),
+                        (cfg["ood_digits_min"], cfg["ood_digits_max"]), cfg["n_eval"],
+                        cfg["reverse_answer"], rank)
+    B = cfg["batch_size"]
+    return d, {name: list(zip(x.split(B), y.split(B))) for name, (x, y) in d.eval_sets().items()}
+
+
+def text_data(cfg, rank, world):
+    """Random windows of the token shards, and a fixed budget of validation tokens."""
+    d = data.TokenShards(cfg["data_dir"], cfg["block_size"], cfg["seed"], rank, world)
+    try:
+        return d, {"val": d.val_batches(cfg["val_tokens"], cfg["batch_size"])}
+    except ValueError as e:
+        raise ConfigError(f"--val_tokens={cfg['val_tokens']}: {e}") from None
+
+
+def arithmetic_context(cfg):
+    """The longest problem (ID or OOD), rounded up to whole MBE windows."""
+    need = data.arith_len(max(cfg["digits_max"], cfg["ood_digits_max"])) - 1
+    return -(-need // cfg["patch_size"]) * cfg["patch_size"]
+
+
+@dataclass
+class Task:
+    make: object = None     # (cfg, rank, world) -> (training data, {name: [(x, y), ...]} eval sets)
+    vocab_size: int = 0
+    context: object = None  # cfg -> the default block_size
+    metrics: tuple = ()     # evaluate()'s metrics kept, per eval set
+    panels: tuple = ()      # (logged metric, axis label): --compare's figure
+
+
+TASKS = {
+    "arithmetic": Task(arithmetic_data, data.ARITH_VOCAB, arithmetic_context,
+                       ("ce", "acc", "conf", "mbe", "mbe_layers"),
+                       (("ood_ce", "OOD answer CE (nats)"), ("ood_conf", "OOD confidence (top-token prob.)"),
+                        ("id_acc", "ID exact match"), ("ood_acc", "OOD exact match"))),
+    "text": Task(text_data, 50304,   # GPT-2's 50,257 tokens, padded to a multiple of 64: faster matmuls
+                 lambda cfg: 1024 if cfg["model"] == "gpt2" else 256, ("ce", "mbe", "mbe_layers"),
+                 (("val_ce", "val CE (nats/token)"), ("val_mbe_layers", "val MBE per layer (nats)"))),
+    "forgetting": Task(panels=(("separation", "separation of A and B (held out)"),
+                               ("loss_A_after_B", "L1 loss on A after B (interference)"),
+                               ("loss_B", "L1 loss on B"))),   # its own loop: see the toy's section
+}
 
 
 def make_data(cfg, rank, world):
-    import data
-    try:   # data.py's errors (missing shards, a context too short or too long) are bad input
-        if cfg["task"] == "arithmetic":
-            return data.Arithmetic(cfg["seed"], cfg["block_size"], (cfg["digits_min"], cfg["digits_max"]),
-                                   (cfg["ood_digits_min"], cfg["ood_digits_max"]), cfg["n_eval"],
-                                   cfg["reverse_answer"], rank)
-        return data.TokenShards(cfg["data_dir"], cfg["block_size"], cfg["seed"], rank, world)
+    """The task's training data and eval sets; data.py's errors (missing shards, a context too
+    short or too long) are bad input."""
+    try:
+        return TASKS[cfg["task"]].make(cfg, rank, world)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from None
-
-
-def eval_batches(cfg, data):
-    """Fixed evaluation sets, {name: [(x, y), ...]}: the same tokens at every eval."""
-    B = cfg["batch_size"]
-    if cfg["task"] == "arithmetic":
-        return {name: list(zip(x.split(B), y.split(B))) for name, (x, y) in data.eval_sets().items()}
-    try:
-        return {"val": data.val_batches(cfg["val_tokens"], B)}
-    except ValueError as e:
-        raise ConfigError(f"--val_tokens={cfg['val_tokens']}: {e}") from None
 
 
 @torch.no_grad()
@@ -500,7 +537,7 @@ def run_eval(model, evals, cfg, device, ctx):
     out = {}
     for name, batches in evals.items():
         for k, v in evaluate(model, batches, cfg, device, ctx).items():
-            if cfg["task"] == "arithmetic" or k in ("ce", "mbe", "mbe_layers"):
+            if k in TASKS[cfg["task"]].metrics:
                 out[f"{name}_{k}"] = v
     model.train()
     return out
@@ -720,10 +757,10 @@ def micro_step(model, x, y, phase, cfg, ctx, scaler, accum):
     return ce.detach().float(), M.detach()
 
 
-def resume(ck, data, scaler, rank, world):
+def resume(ck, loader, scaler, rank, world):
     """Continue where checkpoint ck stopped: this rank's data stream and RNG, the grad scaler. Returns the step."""
     if len(ck["ranks"]) == world:
-        data.load_state_dict(ck["ranks"][rank]["data"])
+        loader.load_state_dict(ck["ranks"][rank]["data"])
         set_rng_state(ck["ranks"][rank]["rng"])
     elif rank == 0:   # another number of processes: each rank keeps its own fresh data stream
         print(f"resume: checkpoint from {len(ck['ranks'])} processes, now {world}: data streams restart")
@@ -784,19 +821,17 @@ def train(cfg):
                                                  "bias", "patch_size", "mbe_layers", "seed", "reverse_answer",
                                                  "digits_min", "digits_max", "ood_digits_min", "ood_digits_max",
                                                  "n_eval")})
-    from data import ARITH_VOCAB
-    cfg = resolve(cfg, ARITH_VOCAB if cfg["task"] == "arithmetic" else 50304)   # 50257 padded to 64k: faster
+    cfg = resolve(cfg)
     B, T = cfg["batch_size"], cfg["block_size"]
     tokens_per_micro = B * T * world
     total = cfg["total_batch_size"] or tokens_per_micro
     if total % tokens_per_micro:
         raise ConfigError(f"--total_batch_size={total} is not a multiple of batch_size*block_size*processes = {tokens_per_micro}")
     accum = total // tokens_per_micro
-    data = make_data(cfg, rank, world)
+    loader, evals = make_data(cfg, rank, world)    # before anything is written: a bad size is bad input
     model, optimizer, controller = build(cfg, device, ck)
     phase = {"gapt": controller.phase, "memorize": MEMORIZE, "compress": COMPRESS}[cfg["phase_mode"]]
-    step = resume(ck, data, scaler, rank, world) if ck else 0
-    evals = eval_batches(cfg, data)                # before anything is written: a bad size is bad input
+    step = resume(ck, loader, scaler, rank, world) if ck else 0
     raw = model                                    # the GPT, uncompiled, unwrapped: what checkpoints hold
     model = IBLM(raw, cfg["layers"], cfg["patch_size"])   # CE and M from one forward pass
     if cfg["compile"] == "on" or (cfg["compile"] == "auto" and device.type == "cuda"):
@@ -823,7 +858,7 @@ def train(cfg):
             g["lr"] = lr
         stats = torch.zeros(3, device=device)       # ce, M, phase: averaged over micro-batches and ranks
         for micro in range(accum):
-            x, y = (to_device(t, device) for t in data.batch(B))
+            x, y = (to_device(t, device) for t in loader.batch(B))
             if ddp:   # sync gradients on the last micro-step only; must be set before the forward pass
                 model.require_backward_grad_sync = micro == accum - 1
             ce, M = micro_step(model, x, y, phase, cfg, ctx, scaler, accum)
@@ -862,7 +897,7 @@ def train(cfg):
                 metrics = run_eval(raw, evals, cfg, device, ctx)
                 log.record(kind="eval", step=step, **metrics)
                 log.print(f"eval {step:>5} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not isinstance(v, list)))
-            save(cfg, raw, optimizer, controller, scaler, data, step, ddp, world, master, list(pending))
+            save(cfg, raw, optimizer, controller, scaler, loader, step, ddp, world, master, list(pending))
     if ddp:   # every rank leaves the process group together, before rank 0 writes the summary
         import torch.distributed as dist
         dist.barrier()
@@ -889,10 +924,10 @@ def settle(rec, log, cfg, total):
     return rec
 
 
-def save(cfg, raw, optimizer, controller, scaler, data, step, ddp, world, master, pending):
+def save(cfg, raw, optimizer, controller, scaler, loader, step, ddp, world, master, pending):
     """Checkpoint everything needed to continue as if never stopped, including
     every rank's data generator and RNG state (gathered to rank 0)."""
-    mine = {"data": data.state_dict(), "rng": rng_state()}
+    mine = {"data": loader.state_dict(), "rng": rng_state()}
     ranks = [mine]
     if ddp:
         import torch.distributed as dist
@@ -978,8 +1013,7 @@ def print_samples(model, prompts, cfg, device, n_new=32):
         logits, _, _ = model(idx[:, -cfg["block_size"]:])
         idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     try:
-        from data import get_tokenizer
-        enc = get_tokenizer(cfg["tokenizer_file"] or None)
+        enc = data.get_tokenizer(cfg["tokenizer_file"] or None)
         decode = lambda ids: enc.decode([i for i in ids if i < enc.n_vocab])   # noqa: E731
     except Exception:   # offline and no --tokenizer_file: show ids
         decode = str
@@ -1021,21 +1055,20 @@ def fit_task(model, x, y, cfg, log, task, start):
     The learning rate is constant: a schedule across both tasks would learn B slower than A.
     The controller starts afresh: carried over, its best loss would be A's, which B's early
     losses never improve on, so it would compress after p_m steps while B is still unlearnt."""
-    controller = GAPT(cfg["delta_ce"], cfg["delta_mbe"], cfg["tau"], cfg["p_m"], cfg["p_c"])
-    phase = {"gapt": controller.phase, "memorize": MEMORIZE, "compress": COMPRESS}[cfg["phase_mode"]]
+    ctrl, phase = controller(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["learning_rate"])   # fresh: no task-A moments in B
     n_compress = 0
     for step in range(start + 1, start + cfg["max_iters"] + 1):
         pred, h = model(x)
         l1 = F.l1_loss(pred, y)
-        with nullcontext() if phase == COMPRESS else torch.no_grad():   # in memorisation M is only watched
-            M = layer_mbe([h[None]], [0], cfg["patch_size"])[0]          # samples as a (1, n, D) sequence
+        hs = [(h if phase == COMPRESS else h.detach())[None]]          # samples as a (1, n, D) sequence
+        M = layer_mbe(hs, [0], cfg["patch_size"])[0]                   # in memorisation only watched
         opt.zero_grad(set_to_none=True)
         iblm_loss(l1, M, phase, cfg["mbe_weight"]).backward()
         opt.step()
         used, n_compress = phase, n_compress + (phase == COMPRESS)
         if cfg["phase_mode"] == "gapt":
-            phase = controller.step(l1.item(), M.item())
+            phase = ctrl.step(l1.item(), M.item())
         log.record(kind="train", step=step, task=task, phase=used, loss=l1.item(), mbe=M.item())
         if step % cfg["log_interval"] == 0:
             log.print(f"task {task} step {step:>5} | {'memorise' if used == MEMORIZE else 'compress'} | "
@@ -1054,7 +1087,6 @@ def forgetting_eval(model, d, patch_size):
 
 
 def train_forgetting(cfg):
-    import data
     if cfg["init_from"] == "resume":
         raise ConfigError("--task=forgetting takes seconds and keeps no checkpoint: run it again, without --init_from")
     if cfg["device"] not in ("auto", "cpu"):
@@ -1101,7 +1133,6 @@ def compare(cfg):
     dirs = {arm: [] for arm in arms}
     for arm, s, out in runs:
         print(f"=== {arm}, seed {cfg['seed'] + s} -> {out}", flush=True)
-        run = train_forgetting if cfg["task"] == "forgetting" else train
         resume = cfg["init_from"] == "resume" and os.path.exists(os.path.join(out, "ckpt.pt"))
         run(dict(cfg, phase_mode=arm, seed=cfg["seed"] + s, out_dir=out, compare="",
                  init_from="resume" if resume else "scratch"))   # resume a stopped comparison
@@ -1112,7 +1143,7 @@ def compare(cfg):
     make_dir(os.path.dirname(path) or ".", "fig")
     plot_compare(dirs, cfg, path)
     print(f"figure: {path}\nresults: {os.path.join(cfg['out_dir'], 'results.json')}")
-    if cfg["align_interval"] and cfg["task"] != "forgetting":
+    if any(read_log(out, "align") for outs in dirs.values() for out in outs):
         plot_cycle(dirs, os.path.join(os.path.dirname(path), "cycle.png"))
         print(f"figure: {os.path.join(os.path.dirname(path), 'cycle.png')}")
         for arm, outs in dirs.items():
@@ -1213,49 +1244,47 @@ def plot_cycle(dirs, path):
         ax.set_xlabel("optimizer step")
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("cos(grad CE, grad MBE), all parameters")
-    fig.suptitle("Alignment of the CE and MBE gradients: above 0 memorising also compresses, below 0 they conflict")
+    fig.suptitle("Alignment of the CE and MBE gradients: "
+                 "above 0 memorising also compresses, below 0 they conflict")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def plot_compare(dirs, cfg, path):
-    plt = pyplot()
-    if cfg["task"] == "arithmetic":
-        panels = [("eval", "ood_ce", "OOD answer CE (nats)"), ("eval", "ood_conf", "OOD confidence (top-token prob.)"),
-                  ("eval", "id_acc", "ID exact match"), ("eval", "ood_acc", "OOD exact match")]
-    elif cfg["task"] == "text":
-        panels = [("eval", "val_ce", "val CE (nats/token)"), ("eval", "val_mbe_layers", "val MBE per layer (nats)")]
-    else:
-        panels = [("eval", "separation", "separation of A and B (held out)"),
-                  ("eval", "loss_A_after_B", "L1 loss on A after B (interference)"), ("eval", "loss_B", "L1 loss on B")]
+    """One panel per metric of the task (TASKS): curves over steps with their std band, the final
+    per-layer values as bars, or, where each run has a single eval (the toy), a bar per arm."""
+    plt, panels = pyplot(), TASKS[cfg["task"]].panels
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    for ax, (kind, key, label) in zip(axes[0], panels):
+    curves = False
+    for ax, (key, label) in zip(axes[0], panels):
         for i, (arm, outs) in enumerate(dirs.items()):
-            if key.endswith("_layers"):   # bars: the final per-layer values, one group per arm
-                v = np.array([read_log(o, "eval")[-1][key] for o in outs])
+            evals = [read_log(o, "eval") for o in outs]
+            if key.endswith("_layers"):            # bars: one group of layers per arm
+                v = np.array([e[-1][key] for e in evals])
                 x = np.arange(v.shape[1]) + (i - (len(dirs) - 1) / 2) * 0.8 / len(dirs)
                 ax.bar(x, v.mean(0), 0.8 / len(dirs), yerr=sd(v), label=arm)
                 ax.set_xlabel("layer")
-            elif cfg["task"] == "forgetting":
-                v = [read_log(o, "eval")[-1][key] for o in outs]
-                ax.bar(i, np.mean(v), yerr=sd(v), label=arm)
+            elif len(evals[0]) == 1:               # one value per run: a bar per arm
+                v = [e[-1][key] for e in evals]
+                ax.bar(i, np.mean(v), yerr=sd(v))
                 ax.set_xticks(range(len(dirs)), list(dirs))
             else:
-                steps, m, s = mean_curve(outs, kind, key)
+                steps, m, s = mean_curve(outs, "eval", key)
                 ax.plot(steps, m, label=arm)
                 ax.fill_between(steps, m - s, m + s, alpha=0.2)
                 ax.set_xlabel("optimizer step")
-        if "gapt" in dirs and not key.endswith("_layers") and cfg["task"] != "forgetting":
-            train_recs = read_log(dirs["gapt"][0], "train")
-            for a, b in phase_spans([r["step"] for r in train_recs], [r["phase"] for r in train_recs]):
+                curves = True
+        if curves and "gapt" in dirs and not key.endswith("_layers"):
+            recs = read_log(dirs["gapt"][0], "train")
+            for a, b in phase_spans([r["step"] for r in recs], [r["phase"] for r in recs]):
                 ax.axvspan(a, b, color="grey", alpha=0.15, lw=0)
         ax.set_ylabel(label)
-        if cfg["task"] != "forgetting":
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     n = len(next(iter(dirs.values())))
-    fig.suptitle(f"{cfg['task']}: {' vs '.join(dirs)}, mean ± std over {n} seeds"
-                 + ("" if cfg["task"] == "forgetting" or "gapt" not in dirs else " (grey: GAPT seed-0 compression)"))
+    shaded = " (grey: GAPT seed-0 compression)" if curves and "gapt" in dirs else ""
+    fig.suptitle(f"{cfg['task']}: {' vs '.join(dirs)}, mean ± std over {n} seeds{shaded}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -1293,8 +1322,7 @@ def bench(cfg):
     if "RANK" in os.environ or cfg["task"] == "forgetting":
         raise ConfigError("--bench times the GPT in one process: python gapt.py --bench [--task=text --model=...]")
     device, ctx, scaler, _ = setup_device(cfg)
-    from data import ARITH_VOCAB
-    cfg = resolve(cfg, ARITH_VOCAB if cfg["task"] == "arithmetic" else 50304)
+    cfg = resolve(cfg)
     B, T, P, D = cfg["batch_size"], cfg["block_size"], cfg["patch_size"], cfg["n_embd"]
     raw, optimizer, _ = build(cfg, device, None)
     compiled = cfg["compile"] == "on" or (cfg["compile"] == "auto" and device.type == "cuda")
@@ -1371,6 +1399,11 @@ def bench(cfg):
           f"GPU: {name}, peak FLOP/s unknown, no MFU" if name else "GPU: none (MFU needs a CUDA device)")
 
 
+def run(cfg):
+    """One training run: the GPT's loop, or the forgetting toy's own."""
+    return train_forgetting(cfg) if cfg["task"] == "forgetting" else train(cfg)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -1378,7 +1411,7 @@ def main(argv=None):
         if cfg["bench"]:
             bench(cfg)
             return 0
-        compare(cfg) if cfg["compare"] else (train_forgetting if cfg["task"] == "forgetting" else train)(cfg)
+        compare(cfg) if cfg["compare"] else run(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
