@@ -398,19 +398,19 @@ def test_unusable_output_paths_are_one_line_errors(tmp_path, capsys):
     assert afile.read_text() == "keep" and not (tmp_path / "cmp").exists()   # no comparison started
 
 
-def test_fresh_run_removes_an_earlier_runs_checkpoint(tmp_path):
+def test_fresh_run_moves_an_earlier_runs_files_aside(tmp_path):
     # else --init_from=resume would pair the arithmetic checkpoint with the toy's log
     out = tmp_path / "run"
     assert run_gapt(*TINY, "--max_iters=4", "--eval_interval=2", f"--out_dir={out}").returncode == 0
     assert (out / "ckpt.pt").exists()
     r = run_gapt("--task=forgetting", "--max_iters=20", f"--out_dir={out}")
-    assert r.returncode == 0 and "kept as ckpt.prev.pt" in r.stdout and not (out / "ckpt.pt").exists(), r.stderr
-    assert torch.load(out / "ckpt.prev.pt", weights_only=False)["step"] == 4      # retired, not lost
+    assert r.returncode == 0 and "kept in" in r.stdout and not (out / "ckpt.pt").exists(), r.stderr
+    assert gapt.read_checkpoint(out / "earlier" / "1" / "ckpt.pt")["step"] == 4      # kept, not lost
     r = run_gapt(*TINY, "--init_from=resume", "--max_iters=6", f"--out_dir={out}")
     assert r.returncode == 2 and "no checkpoint" in r.stderr
 
 
-def test_fresh_compare_retires_every_arms_checkpoint_before_its_first_run(tmp_path, monkeypatch):
+def test_fresh_compare_moves_every_arms_checkpoint_aside_before_its_first_run(tmp_path, monkeypatch):
     # stopped after its first run, a fresh comparison must not leave an earlier one's runs to resume
     out = tmp_path / "cmp"
     for d in ("memorize_seed0", "gapt_seed0"):
@@ -427,7 +427,7 @@ def test_fresh_compare_retires_every_arms_checkpoint_before_its_first_run(tmp_pa
         gapt.compare(gapt.parse_args(["--task=forgetting", "--compare=memorize,gapt", "--seeds=1", f"--out_dir={out}"]))
     assert len(runs) == 2
     for d in ("memorize_seed0", "gapt_seed0"):
-        assert not (out / d / "ckpt.pt").exists() and (out / d / "ckpt.prev.pt").exists()
+        assert not (out / d / "ckpt.pt").exists() and (out / "earlier" / "1" / d / "ckpt.pt").exists()
 
 
 def test_grad_scaler_survives_a_skipped_step():
@@ -496,16 +496,16 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert {t["phase"] for t in straight} == {1, 2}                  # the controller state was resumed too
     assert straight == resumed                                       # same CE, MBE and phase at every step
     assert without_timing(read_log(a, "eval")) == without_timing(read_log(b, "eval"))
-    ck = torch.load(b / "ckpt.pt", weights_only=False)
+    ck = gapt.read_checkpoint(b / "ckpt.pt")
     assert ck["step"] == 40 and not any(k.startswith("_orig_mod") for k in ck["model"])
 
 
 def test_resume_drops_log_lines_after_the_checkpoint(tmp_path):
     out = tmp_path / "run"
     assert run_gapt(*STEADY, "--max_iters=10", "--eval_interval=5", f"--out_dir={out}").returncode == 0
-    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    ck = gapt.read_checkpoint(out / "ckpt.pt")
     ck["step"] = 5                                                   # as if killed after the step-5 checkpoint
-    torch.save(ck, out / "ckpt.pt")
+    gapt.save_checkpoint(str(out / "ckpt.pt"), ck)
     r = run_gapt(*STEADY, "--max_iters=10", "--eval_interval=5", f"--out_dir={out}", "--init_from=resume")
     assert r.returncode == 0, r.stderr
     assert [t["step"] for t in read_log(out, "train")] == list(range(1, 11))
@@ -549,7 +549,7 @@ def test_ddp_two_cpu_processes_agree_on_phases(tmp_path):
     assert r.stdout.count("done: 30 steps") == 1                     # only rank 0 prints
     phases = [t["phase"] for t in read_log(out, "train")]
     assert len(phases) == 30 and 1 in phases and 2 in phases
-    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    ck = gapt.read_checkpoint(out / "ckpt.pt")
     assert len(ck["ranks"]) == 2 and ck["ranks"][0]["data"] != ck["ranks"][1]["data"]
 
 # -----------------------------------------------------------------------------
