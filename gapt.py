@@ -1380,9 +1380,12 @@ def main(argv=None):
     except (TrainingError, OSError) as e:   # OSError: e.g. a full disk, with a file other than ckpt.pt
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except torch.distributed.DistError as e:   # gloo raises this when --dist_timeout runs out
-        print(f"error: rank {os.environ.get('RANK')}: the processes did not meet within --dist_timeout="
-              f"{cfg['dist_timeout']} s (one stalled or died): {str(e).splitlines()[0][:200]}", file=sys.stderr)
+    except RuntimeError as e:   # what a collective (or DDP's forward) raises when --dist_timeout runs out
+        if "RANK" not in os.environ or "timed out" not in str(e).lower():
+            raise
+        print(f"error: rank {os.environ['RANK']}: no word from the other processes for --dist_timeout="
+              f"{cfg['dist_timeout']} s (one stalled or died); the last checkpoint, if any, is "
+              f"{os.path.join(cfg['out_dir'], 'ckpt.pt')}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":

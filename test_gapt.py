@@ -3,9 +3,12 @@
     python -m pytest            # everything
     python -m pytest -k mbe     # a part
 """
+import errno
 import json
 import math
 import os
+import signal
+import socket
 import subprocess
 import sys
 import types
@@ -1072,3 +1075,184 @@ def test_compare_runs_every_arm_and_seed_then_table_and_figures(tmp_path):
     assert "cycle, gapt seed 1338: cos > 0 in" in r.stdout and "of 4 measurements" in r.stdout
     seeds = [json.loads((out / d / "config.json").read_text())["seed"] for d in ("gapt_seed0", "gapt_seed1")]
     assert seeds == [1337, 1338]
+
+# -----------------------------------------------------------------------------
+# issue 11, faults: one run per out_dir, earlier runs kept, damaged files, full disks,
+# stalled ranks, Ctrl-C, resume messages. Each ends in one line and loses nothing.
+
+FAST = ["--device=cpu", *TINY, "--eval_interval=2", "--n_eval=32"]
+
+
+def small_run(out, *args, capsys=None):
+    """An in-process 4-step arithmetic run (checkpoints at steps 2 and 4): (exit code, stderr)."""
+    code = gapt.main([*FAST, "--max_iters=4", f"--out_dir={out}", *args])
+    return code, capsys.readouterr().err if capsys else ""
+
+
+def test_a_locked_out_dir_refuses_a_second_run_and_a_killed_holder_frees_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    held = gapt.lock_dir(str(out))                    # as a run in progress holds it
+    one_line_error(*small_run(out, capsys=capsys), 2, "another run", str(os.getpid()))
+    assert os.listdir(out) == [".lock"]              # nothing written
+    held.close()
+    child = subprocess.Popen([sys.executable, "-c", f"import gapt, time; gapt.lock_dir({str(out)!r}); "
+                              "print('locked', flush=True); time.sleep(600)"], cwd=HERE, stdout=subprocess.PIPE,
+                             text=True)
+    assert child.stdout.readline() == "locked\n"
+    child.kill()                                      # a killed run leaves no stale lock
+    child.wait()
+    assert small_run(out)[0] == 0 and (out / "ckpt.pt").exists()
+
+
+def test_fresh_runs_into_one_out_dir_keep_every_earlier_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    logs = []
+    for seed in (1, 2, 3):
+        assert gapt.main(["--task=forgetting", "--max_iters=5", f"--seed={seed}", f"--out_dir={out}"]) == 0
+        logs.append((out / "log.jsonl").read_text())
+    assert "kept in" in capsys.readouterr().out
+    assert [(out / "earlier" / n / "log.jsonl").read_text() for n in ("1", "2")] == logs[:2]
+    assert json.loads((out / "earlier" / "2" / "config.json").read_text())["seed"] == 2
+    assert len(set(logs)) == 3
+
+
+def test_damaged_log_lines_are_skipped_with_a_warning_on_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert small_run(out)[0] == 0
+    lines = (out / "log.jsonl").read_bytes().split(b"\n")
+    i = lines.index(next(x for x in lines if x.startswith(b'{"kind": "train", "step": 3,')))
+    lines[i] = b"GARBAGE{{"
+    (out / "log.jsonl").write_bytes(b"\n".join(lines) + b"\xff\xfe\n")
+    capsys.readouterr()
+    assert small_run(out, "--max_iters=6", "--init_from=resume")[0] == 0
+    assert f"skipped 2 damaged line(s): {i + 1}, " in capsys.readouterr().out
+    assert [r["step"] for r in read_log(out, "train")] == [1, 2, 4, 5, 6]   # step 3's line was the damaged one
+
+
+def test_token_ids_outside_the_vocabulary_are_one_line_with_nothing_written(tmp_path, capsys):
+    for bad in (50257, 65000):                        # GPT-2's padding rows, and beyond the model
+        shards = tmp_path / f"shards{bad}"
+        shards.mkdir()
+        ids = np.arange(1000) % 50000
+        data.write_shard(str(shards / "x_val_000000.bin"), ids)
+        data.write_shard(str(shards / "x_train_000001.bin"), np.where(ids == 777, bad, ids))
+        code, err = gapt.main(["--task=text", f"--data_dir={shards}", f"--out_dir={tmp_path / 'run'}",
+                               "--device=cpu"]), capsys.readouterr().err
+        one_line_error(code, err, 2, "x_train_000001.bin", f"token id {bad}")
+        assert not (tmp_path / "run").exists()
+
+
+def test_an_out_dir_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert small_run(out)[0] == 0
+    real_open = open
+
+    def read_only(path, mode="r", *a, **k):           # as on a read-only mount (root ignores chmod)
+        if str(path).startswith(str(out)) and mode[0] in "wa":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, mode, *a, **k)
+    monkeypatch.setattr(gapt, "open", read_only, raising=False)
+    for resume in ("scratch", "resume"):
+        one_line_error(*small_run(out, f"--init_from={resume}", capsys=capsys), 2, "cannot write here")
+    assert gapt.read_checkpoint(out / "ckpt.pt")["step"] == 4
+
+
+def test_config_json_folder_and_a_stray_tmp_on_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert small_run(out)[0] == 0
+    (out / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")   # a kill during a save
+    (out / "config.json").unlink()
+    (out / "config.json").mkdir()
+    one_line_error(*small_run(out, "--init_from=resume", capsys=capsys), 2, "config.json")
+    assert not (out / "ckpt.pt.tmp").exists()
+    (out / "config.json").rmdir()
+    assert small_run(out, "--init_from=resume", "--max_iters=6")[0] == 0
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_no_tmp(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    gapt.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+    real_open = open
+
+    class Full:                                       # writes 10 bytes, then the disk is full
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *e):
+            self.f.close()
+
+        def write(self, b):
+            self.f.write(bytes(b)[:10])
+            raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(gapt, "open", lambda p, m="r": Full(real_open(p, m)), raising=False)
+    with pytest.raises(gapt.TrainingError, match="No space left on device.*previous checkpoint there is kept"):
+        gapt.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and gapt.read_checkpoint(path)["step"] == 1
+
+
+def test_values_that_would_crash_later_are_one_line(capsys):
+    for flag in ("--learning_rate=1e38", "--seed=99999999999999999999", "--min_lr=1e38", "--dist_timeout=0"):
+        one_line_error(gapt.main([flag]), capsys.readouterr().err, 2, flag.split("=")[0])
+
+
+def test_resume_names_overridden_flags_and_refuses_a_max_iters_below_its_step(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert small_run(out)[0] == 0
+    capsys.readouterr()
+    assert small_run(out, "--init_from=resume", "--seed=5", "--n_layer=2")[0] == 0
+    said = capsys.readouterr().out
+    assert "--seed=5 (now 1337)" in said and "--n_layer=2 (now 3)" in said and "nothing to train" in said
+    one_line_error(*small_run(out, "--init_from=resume", "--max_iters=3", capsys=capsys), 2, "step 4")
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_named(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert small_run(out)[0] == 0
+    blob = bytearray((out / "ckpt.pt").read_bytes())
+    blob[len(blob) // 2] ^= 1
+    (out / "ckpt.pt").write_bytes(blob)
+    one_line_error(*small_run(out, "--init_from=resume", capsys=capsys), 2, "checksum", "ckpt.pt")
+
+
+def test_ctrl_c_is_one_line_with_the_resume_command_and_exit_130(tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "gapt.py"), *FAST, "--max_iters=100000",
+                          f"--out_dir={out}"], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if line.startswith("step     3"):             # after the step-2 checkpoint
+            break
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.count("\n") == 1 and err.startswith("stopped (Ctrl-C)"), err
+    assert f"the last checkpoint is {out / 'ckpt.pt'}" in err and err.strip().endswith("--init_from=resume")
+    assert gapt.read_checkpoint(out / "ckpt.pt")["step"] >= 2 and not (out / "ckpt.pt.tmp").exists()
+
+
+def test_a_stalled_rank_stops_the_other_after_dist_timeout(tmp_path):
+    # two gloo processes started by hand (so the test knows their pids); rank 1 is SIGSTOPped mid-run
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "gapt.py"), "--device=cpu", "--n_layer=1",
+                               "--n_head=2", "--n_embd=16", "--batch_size=4", "--log_interval=1", "--eval_interval=0",
+                               "--max_iters=100000", "--dist_timeout=3", f"--out_dir={tmp_path / 'run'}"],
+                              cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for r in (0, 1)]
+    try:
+        for line in procs[0].stdout:
+            if line.startswith("step "):
+                break
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        _, err = procs[0].communicate(timeout=120)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    one_line_error(procs[0].returncode, err, 1, "rank 0", "--dist_timeout=3 s")
