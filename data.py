@@ -225,7 +225,7 @@ def check_ids(path, vocab_size, chunk=2**24):
     whole shard in 32 MB chunks: 0.04 s per 100M tokens from the page cache (measured)."""
     n = len(read_shard(path))
     for i in range(0, n, chunk):
-        top = int(read_shard(path)[i:i + chunk].max())   # a fresh memmap per chunk: memory stays flat
+        top = int(read_shard(path)[i:i + chunk].max())   # a fresh memmap per chunk: flat memory
         if top >= vocab_size:
             raise ValueError(f"{path}: token id {top} is outside the vocabulary [0, {vocab_size}): "
                              f"shards from another tokenizer?")

@@ -53,7 +53,7 @@ CONFIG = [
     ("device", "auto", "auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps"),
     ("dtype", "auto", "auto (bfloat16 on cuda if supported, else float32) | float32 | bfloat16 | float16 (cuda)"),
     ("compile", "auto", "torch.compile the model: auto (on for cuda) | on | off"),
-    ("dist_timeout", 1800, "torchrun: seconds a process waits for the others before stopping with an error"),
+    ("dist_timeout", 1800, "torchrun: seconds a process waits for the others, then stops"),
     ("bench", False, "time memorise and compress steps against a plain PyTorch loop, print a table, train nothing"),
     ("bench_steps", 20, "--bench: timed steps per mode, after 3 warm-up steps"),
     # model
@@ -172,9 +172,10 @@ def validate(cfg):
             raise ConfigError(f"--{key}={cfg[key]}: must be in [0, 1)")
     if not cfg["out_dir"].strip():
         raise ConfigError("--out_dir is empty: name a folder for the run")
-    if not 0 < cfg["learning_rate"] <= 10 or cfg["min_lr"] > 10:   # Adam's float32 step overflows near 1e38
-        raise ConfigError(f"--learning_rate={cfg['learning_rate']}, --min_lr={cfg['min_lr']}: must be in (0, 10]")
-    if cfg["seed"] + cfg["seeds"] > 2**63:                             # torch and numpy seeds are 64-bit
+    if not 0 < cfg["learning_rate"] <= 10 or cfg["min_lr"] > 10:   # Adam's step overflows near 1e38
+        raise ConfigError(f"--learning_rate={cfg['learning_rate']} (--min_lr={cfg['min_lr']}): "
+                          f"must be in (0, 10]")
+    if cfg["seed"] + cfg["seeds"] > 2**63:     # torch and numpy seeds are 64-bit
         raise ConfigError(f"--seed={cfg['seed']}: must be below 2**63 (less --seeds)")
     if not 0 <= cfg["dropout"] < 1:
         raise ConfigError(f"--dropout={cfg['dropout']}: must be in [0, 1)")
@@ -459,7 +460,7 @@ def make_data(cfg, rank, world):
                                    (cfg["ood_digits_min"], cfg["ood_digits_max"]), cfg["n_eval"],
                                    cfg["reverse_answer"], rank)
         return data.TokenShards(cfg["data_dir"], cfg["block_size"], cfg["seed"], rank, world,
-                                vocab_size=50257)   # GPT-2's; the model's rows up to 50304 are padding
+                                vocab_size=50257)   # GPT-2's; the model's rows to 50304 are padding
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from None
 
@@ -590,7 +591,7 @@ def get_lr(step, cfg):
     return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * min(t, 1.0))) * (lr - cfg["min_lr"])
 
 
-CKPT_MAGIC = b"GAPT-CKPT sha256 "   # then the payload's 64-hex-digit sha256, a newline, the torch.save payload
+CKPT_MAGIC = b"GAPT-CKPT sha256 "   # then the payload's sha256 (64 hex digits), "\n", the payload
 
 
 def save_checkpoint(path, state):
@@ -715,7 +716,8 @@ def lock_dir(out_dir):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        raise ConfigError(f"--out_dir={out_dir}: another run (pid {f.read().strip() or '?'}) is writing here; "
+        pid = f.read().strip() or "?"
+        raise ConfigError(f"--out_dir={out_dir}: another run (pid {pid}) is writing here; "
                           f"wait for it to end, or choose another --out_dir") from None
     f.truncate(0)
     f.write(str(os.getpid()))
@@ -728,8 +730,8 @@ def lock_dir(out_dir):
 
 def keep_earlier_run(out_dir):
     """A fresh run into a used out_dir moves the earlier run's files (a whole --compare's too) to
-    out_dir/earlier/N, N = 1, 2, ...: a forgotten --init_from=resume costs nothing, and a later resume
-    never pairs an old checkpoint with a new log. Other files in out_dir stay where they are."""
+    out_dir/earlier/N, N = 1, 2, ...: a forgotten --init_from=resume costs nothing, and a later
+    resume never pairs an old checkpoint with a new log. Other files in out_dir stay."""
     names = [n for n in sorted(os.listdir(out_dir)) if RUN_FILES.fullmatch(n)]
     if names:
         n = 1 + max([int(d) for d in os.listdir(os.path.join(out_dir, "earlier")) if d.isdigit()]
@@ -738,11 +740,11 @@ def keep_earlier_run(out_dir):
         os.makedirs(dest)
         for name in names:
             os.replace(os.path.join(out_dir, name), os.path.join(dest, name))
-        print(f"{out_dir}: the earlier run's files are kept in {dest} (this run starts from scratch)")
+        print(f"{out_dir}: the earlier run's files are kept in {dest} (this one starts afresh)")
 
 
 def open_run(cfg, master, resume_step=None):
-    """Lock out_dir, keep an earlier run's files (fresh run), write config.json; the run's Logger."""
+    """Lock out_dir, keep an earlier run's files (fresh run), write config.json: the Logger."""
     lock = lock_dir(cfg["out_dir"]) if master else None
     try:
         if master and resume_step is None:
@@ -752,7 +754,8 @@ def open_run(cfg, master, resume_step=None):
                 json.dump(cfg, f, indent=1)
         log = Logger(cfg["out_dir"], master, resume_step)
     except OSError as e:   # e.g. config.json or log.jsonl is a folder, or the disk is full
-        raise ConfigError(f"--out_dir={cfg['out_dir']}: cannot write {e.filename} ({e.strerror or e})") from None
+        raise ConfigError(f"--out_dir={cfg['out_dir']}: cannot write {e.filename} "
+                          f"({e.strerror or e})") from None
     log.lock = lock   # held as long as the run's Logger
     log.print(f"config: {json.dumps({k: cfg[k] for k in DEFAULTS})}")
     return log
@@ -772,18 +775,19 @@ class TrainingError(RuntimeError):
 
 
 def adopt_checkpoint_config(cfg, ck, master):
-    """On resume the model and data are the checkpoint's; the schedule and logging the command line's.
-    Says which flags set on the command line the checkpoint overrides."""
-    keys = ("task", "model", "n_layer", "n_head", "n_embd", "block_size", "bias", "patch_size", "mbe_layers",
-            "seed", "reverse_answer", "digits_min", "digits_max", "ood_digits_min", "ood_digits_max", "n_eval")
+    """On resume the model and data are the checkpoint's, the schedule and logging the command
+    line's. Names the flags given non-default values that the checkpoint's replace."""
+    keys = ("task", "model", "n_layer", "n_head", "n_embd", "block_size", "bias", "patch_size",
+            "mbe_layers", "seed", "reverse_answer", "digits_min", "digits_max", "ood_digits_min",
+            "ood_digits_max", "n_eval")
     given = [k for k in keys if cfg[k] != DEFAULTS[k] and cfg[k] != ck["config"][k]]
     if given and master:
         print("resume: the checkpoint's values replace " +
               ", ".join(f"--{k}={cfg[k]} (now {ck['config'][k]})" for k in given))
     cfg.update({k: ck["config"][k] for k in keys})
     if cfg["max_iters"] < ck["step"]:
-        raise ConfigError(f"--max_iters={cfg['max_iters']}: the checkpoint is at step {ck['step']} already; "
-                          f"give a larger --max_iters to train on")
+        raise ConfigError(f"--max_iters={cfg['max_iters']}: the checkpoint is at step {ck['step']} "
+                          f"already; give a larger --max_iters to train on")
     if cfg["max_iters"] == ck["step"] and master:
         print(f"resume: the checkpoint is at step {ck['step']} = --max_iters: nothing to train")
 
@@ -942,17 +946,20 @@ def save(cfg, raw, optimizer, controller, scaler, data, step, ddp, world, master
 
 
 def read_records(path):
-    """The records in a log.jsonl; a damaged line (a crash mid-write, stray bytes) is skipped with a warning."""
+    """The records in a log.jsonl; a damaged line (a torn write, stray bytes) is skipped, with a
+    warning."""
     recs, bad = [], []
     with open(path, "rb") as f:
         for i, line in enumerate(f, 1):
             try:
                 rec = json.loads(line)
-                recs.append(rec) if isinstance(rec, dict) and line.endswith(b"\n") else bad.append(i)
+                ok = isinstance(rec, dict) and line.endswith(b"\n")
             except ValueError:   # JSONDecodeError and UnicodeDecodeError both are
-                bad.append(i)
+                ok = False
+            recs.append(rec) if ok else bad.append(i)
     if bad:
-        print(f"warning: {path}: skipped {len(bad)} damaged line(s): {', '.join(map(str, bad[:5]))}")
+        lines = ", ".join(map(str, bad[:5]))
+        print(f"warning: {path}: skipped {len(bad)} damaged line(s): {lines}")
     return recs
 
 
@@ -1377,15 +1384,15 @@ def main(argv=None):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (TrainingError, OSError) as e:   # OSError: e.g. a full disk, with a file other than ckpt.pt
+    except (TrainingError, OSError) as e:   # OSError: e.g. a full disk, writing a log or figure
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except RuntimeError as e:   # what a collective (or DDP's forward) raises when --dist_timeout runs out
+    except RuntimeError as e:   # a collective's (or DDP forward's) when --dist_timeout runs out
         if "RANK" not in os.environ or "timed out" not in str(e).lower():
             raise
-        print(f"error: rank {os.environ['RANK']}: no word from the other processes for --dist_timeout="
-              f"{cfg['dist_timeout']} s (one stalled or died); the last checkpoint, if any, is "
-              f"{os.path.join(cfg['out_dir'], 'ckpt.pt')}", file=sys.stderr)
+        print(f"error: rank {os.environ['RANK']}: no word from the other processes for "
+              f"--dist_timeout={cfg['dist_timeout']} s (one stalled or died); the last checkpoint, "
+              f"if any, is {os.path.join(cfg['out_dir'], 'ckpt.pt')}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":
@@ -1398,10 +1405,10 @@ def interrupted(cfg, argv):
     """The line Ctrl-C prints: where the last checkpoint is and how to go on from it."""
     if cfg is None or cfg["task"] == "forgetting":
         return "stopped (Ctrl-C); nothing to resume: run the command again"
-    again = shlex.join(["python", os.path.relpath(__file__)] + [a for a in argv if not a.startswith("--init_from")]
-                       + ["--init_from=resume"])
+    flags = [a for a in argv if not a.startswith("--init_from")] + ["--init_from=resume"]
+    again = shlex.join(["python", os.path.relpath(__file__), *flags])
     where = os.path.join(cfg["out_dir"], "*_seed*" if cfg["compare"] else "", "ckpt.pt")
-    return f"stopped (Ctrl-C); the last checkpoint is {where} (if one was written); resume with: {again}"
+    return f"stopped (Ctrl-C); the last checkpoint is {where} (if one was written); resume: {again}"
 
 
 if __name__ == "__main__":
