@@ -21,11 +21,16 @@ forgetting toy, the experiments (--compare) and the benchmark (--bench).
 Importing this file has no side effects; everything runs under __main__.
 """
 import argparse
+import datetime
+import fcntl
+import hashlib
+import io
 import json
 import math
 import os
 import random
 import re
+import shlex
 import sys
 import time
 from collections import deque
@@ -54,6 +59,7 @@ CONFIG = [
     ("compile", "auto", "torch.compile the model: auto (on for cuda) | on | off"),
     ("read_lag", "auto", "steps before the host reads a step's CE and M for the controller: auto (1 on cuda, "
                          "so the GPU never waits; else 0) | 0 | 1"),
+    ("dist_timeout", 1800, "torchrun: seconds a process waits for the others, then stops"),
     ("bench", False, "time memorise and compress steps against a plain PyTorch loop, print a table, train nothing"),
     ("bench_steps", 20, "--bench: timed steps per mode, after 3 warm-up steps"),
     "model",
@@ -173,7 +179,7 @@ def parse_args(argv):
 def validate(cfg):
     """Reject values that would fail later (or silently do the wrong thing)."""
     for key in ("p_m", "p_c", "batch_size", "max_iters", "patch_size", "n_eval", "log_interval",
-                "max_bad_steps", "val_tokens", "seeds", "bench_steps"):
+                "max_bad_steps", "val_tokens", "seeds", "bench_steps", "dist_timeout"):
         if cfg[key] <= 0:
             raise ConfigError(f"--{key}={cfg[key]}: must be positive")
     for key in ("seed", "n_layer", "n_head", "n_embd", "block_size", "eval_interval", "align_interval",
@@ -191,8 +197,11 @@ def validate(cfg):
             raise ConfigError(f"--{key}={cfg[key]}: must be in [0, 1)")
     if not cfg["out_dir"].strip():
         raise ConfigError("--out_dir is empty: name a folder for the run")
-    if cfg["learning_rate"] <= 0:
-        raise ConfigError(f"--learning_rate={cfg['learning_rate']}: must be positive")
+    if not 0 < cfg["learning_rate"] <= 1e30 or cfg["min_lr"] > 1e30:   # Adam's step overflows at 1e38
+        raise ConfigError(f"--learning_rate={cfg['learning_rate']} (--min_lr={cfg['min_lr']}): "
+                          f"must be in (0, 1e30]")
+    if cfg["seed"] + cfg["seeds"] > 2**63:     # torch and numpy seeds are 64-bit
+        raise ConfigError(f"--seed={cfg['seed']}: must be below 2**63 (less --seeds)")
     if not 0 <= cfg["dropout"] < 1:
         raise ConfigError(f"--dropout={cfg['dropout']}: must be in [0, 1)")
     if not (1 <= cfg["digits_min"] <= cfg["digits_max"] <= 9 and 1 <= cfg["ood_digits_min"] <= cfg["ood_digits_max"] <= 9):
@@ -461,7 +470,8 @@ def arithmetic_data(cfg, rank, world):
 
 def text_data(cfg, rank, world):
     """Random windows of the token shards, and a fixed budget of validation tokens."""
-    d = data.TokenShards(cfg["data_dir"], cfg["block_size"], cfg["seed"], rank, world)
+    d = data.TokenShards(cfg["data_dir"], cfg["block_size"], cfg["seed"], rank, world,
+                         vocab_size=50257)   # GPT-2's real tokens: the model's rows up to 50304 are padding
     try:
         return d, {"val": d.val_batches(cfg["val_tokens"], cfg["batch_size"])}
     except ValueError as e:
@@ -586,7 +596,8 @@ def setup_device(cfg):
         device = torch.device("cuda", local_rank if ddp else device.index or 0)
     if ddp:
         import torch.distributed as dist
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=cfg["dist_timeout"]))
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -620,11 +631,39 @@ def get_lr(step, cfg):
     return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * min(t, 1.0))) * (lr - cfg["min_lr"])
 
 
+CKPT_MAGIC = b"GAPT-CKPT sha256 "   # then the payload's sha256 (64 hex digits), "\n", the payload
+
+
 def save_checkpoint(path, state):
-    """Atomic: a run killed while saving leaves the previous checkpoint intact."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Atomic: a run killed while saving leaves the previous checkpoint intact, and a failed save
+    (a full disk) leaves no .tmp behind. The checksum lets a load tell a changed bit."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload, tmp = buf.getbuffer(), path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(CKPT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n")
+            f.write(payload)
+        os.replace(tmp, path)
+    except BaseException as e:   # also Ctrl-C mid-write
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise TrainingError(f"step {state['step']}: cannot write {path} ({e.strerror or e}); "
+                                f"the previous checkpoint there is kept") from None
+        raise
+
+
+def read_checkpoint(path):
+    """The state save_checkpoint wrote; ConfigError if its checksum does not match."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    if blob.startswith(CKPT_MAGIC):   # older checkpoints are a bare torch.save payload
+        head, _, blob = blob.partition(b"\n")
+        if hashlib.sha256(blob).hexdigest().encode() != head[len(CKPT_MAGIC):]:
+            raise ConfigError(f"{path} is damaged: its checksum does not match (a changed bit); "
+                              f"delete it to start over")
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
 
 
 def rng_state():
@@ -645,10 +684,12 @@ def load_checkpoint(out_dir):
     if not os.path.exists(path):
         raise ConfigError(f"--init_from=resume: no checkpoint at {path}")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck = read_checkpoint(path)
         missing = {"model", "optimizer", "gapt", "scaler", "step", "config", "ranks"} - set(ck)
         if missing:
             raise KeyError(", ".join(sorted(missing)))
+    except ConfigError as e:
+        raise ConfigError(f"--init_from=resume: {e}") from None
     except Exception as e:
         raise ConfigError(f"--init_from=resume: {path} is damaged ({type(e).__name__}); delete it to start over") from None
     return ck
@@ -664,16 +705,18 @@ class Logger:
         self.f = open(self.path, "a" if resume_step is not None else "w") if master else None
 
     def truncate_after(self, step):
-        with open(self.path) as f:
-            keep = [line for line in f if line.endswith("\n") and json.loads(line).get("step", 0) <= step]
+        keep = [json.dumps(r) + "\n" for r in read_records(self.path) if r.get("step", 0) <= step]
         with open(self.path + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(self.path + ".tmp", self.path)
 
     def record(self, **rec):
         if self.master:
-            self.f.write(json.dumps(rec) + "\n")
-            self.f.flush()
+            try:
+                self.f.write(json.dumps(rec) + "\n")
+                self.f.flush()
+            except OSError as e:   # a full disk: one line, and the last checkpoint is whole
+                raise TrainingError(f"cannot write {self.path} ({e.strerror or e})") from None
 
     def print(self, *a):
         if self.master:
@@ -697,24 +740,63 @@ def check_dir(path, flag):
         raise ConfigError(f"--{flag}={path}: cannot make this folder ({head} is not a writable folder)")
 
 
-def retire_checkpoint(out_dir):
-    """An earlier run's ckpt.pt becomes ckpt.prev.pt: --init_from=resume must never pair it with
-    a new run's log, and a forgotten --init_from=resume must not cost it."""
-    path = os.path.join(out_dir, "ckpt.pt")
-    if os.path.exists(path):
-        os.replace(path, os.path.join(out_dir, "ckpt.prev.pt"))
-        print(f"{path}: an earlier run's checkpoint, kept as ckpt.prev.pt (this run starts from scratch)")
+RUN_FILES = re.compile(r"ckpt\.pt|ckpt\.prev\.pt|log\.jsonl|config\.json|curves\.png|results\.json"
+                       r"|(arithmetic|text|forgetting|cycle)\.png|(gapt|memorize|compress)_seed\d+")
+
+
+def lock_dir(out_dir):
+    """Hold out_dir/.lock (flock) for this process's life: one run per out_dir at a time. The kernel
+    drops the lock when the process ends, however it ends, so a killed run leaves nothing stuck."""
+    make_dir(out_dir, "out_dir")
+    try:
+        f = open(os.path.join(out_dir, ".lock"), "a+")
+    except OSError as e:   # e.g. a read-only or immutable folder
+        raise ConfigError(f"--out_dir={out_dir}: cannot write here ({e.strerror or e})") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        raise ConfigError(f"--out_dir={out_dir}: another run (pid {pid}) is writing here; "
+                          f"wait for it to end, or choose another --out_dir") from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    for name in ("ckpt.pt.tmp", "log.jsonl.tmp"):   # what a run killed mid-write left
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+    return f
+
+
+def keep_earlier_run(out_dir):
+    """A fresh run into a used out_dir moves the earlier run's files (a whole --compare's too) to
+    out_dir/earlier/N, N = 1, 2, ...: a forgotten --init_from=resume costs nothing, and a later
+    resume never pairs an old checkpoint with a new log. Other files in out_dir stay."""
+    names = [n for n in sorted(os.listdir(out_dir)) if RUN_FILES.fullmatch(n)]
+    if names:
+        n = 1 + max([int(d) for d in os.listdir(os.path.join(out_dir, "earlier")) if d.isdigit()]
+                    if os.path.isdir(os.path.join(out_dir, "earlier")) else [0])
+        dest = os.path.join(out_dir, "earlier", str(n))
+        os.makedirs(dest)
+        for name in names:
+            os.replace(os.path.join(out_dir, name), os.path.join(dest, name))
+        print(f"{out_dir}: the earlier run's files are kept in {dest} (this one starts afresh)")
 
 
 def open_run(cfg, master, resume_step=None):
-    """out_dir with the run's config.json, and its Logger; a fresh run retires an earlier checkpoint."""
-    if master:
-        make_dir(cfg["out_dir"], "out_dir")
-        if resume_step is None:
-            retire_checkpoint(cfg["out_dir"])
-        with open(os.path.join(cfg["out_dir"], "config.json"), "w") as f:
-            json.dump(cfg, f, indent=1)
-    log = Logger(cfg["out_dir"], master, resume_step)
+    """Lock out_dir, keep an earlier run's files (fresh run), write config.json: the Logger."""
+    lock = lock_dir(cfg["out_dir"]) if master else None
+    try:
+        if master and resume_step is None:
+            keep_earlier_run(cfg["out_dir"])
+        if master:
+            with open(os.path.join(cfg["out_dir"], "config.json"), "w") as f:
+                json.dump(cfg, f, indent=1)
+        log = Logger(cfg["out_dir"], master, resume_step)
+    except OSError as e:   # e.g. config.json or log.jsonl is a folder, or the disk is full
+        raise ConfigError(f"--out_dir={cfg['out_dir']}: cannot write {e.filename} "
+                          f"({e.strerror or e})") from None
+    log.lock = lock   # held as long as the run's Logger
     log.print(f"config: {json.dumps({k: cfg[k] for k in DEFAULTS})}")
     return log
 
@@ -730,6 +812,24 @@ def all_mean(t, ddp, world):
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (e.g. persistent NaNs): reported as one line, exit code 1."""
+
+
+def adopt_checkpoint_config(cfg, ck, master):
+    """On resume the model and data are the checkpoint's, the schedule and logging the command
+    line's. Names the flags given non-default values that the checkpoint's replace."""
+    keys = ("task", "model", "n_layer", "n_head", "n_embd", "block_size", "bias", "patch_size",
+            "mbe_layers", "seed", "reverse_answer", "digits_min", "digits_max", "ood_digits_min",
+            "ood_digits_max", "n_eval")
+    given = [k for k in keys if cfg[k] != DEFAULTS[k] and cfg[k] != ck["config"][k]]
+    if given and master:
+        print("resume: the checkpoint's values replace " +
+              ", ".join(f"--{k}={cfg[k]} (now {ck['config'][k]})" for k in given))
+    cfg.update({k: ck["config"][k] for k in keys})
+    if cfg["max_iters"] < ck["step"]:
+        raise ConfigError(f"--max_iters={cfg['max_iters']}: the checkpoint is at step {ck['step']} "
+                          f"already; give a larger --max_iters to train on")
+    if cfg["max_iters"] == ck["step"] and master:
+        print(f"resume: the checkpoint is at step {ck['step']} = --max_iters: nothing to train")
 
 
 def build(cfg, device, ck):
@@ -816,11 +916,8 @@ def train(cfg):
     device, ctx, scaler, (ddp, rank, world) = setup_device(cfg)
     master = rank == 0
     ck = load_checkpoint(cfg["out_dir"]) if cfg["init_from"] == "resume" else None
-    if ck:   # the model and data are the checkpoint's; the schedule and logging are the command line's
-        cfg.update({k: ck["config"][k] for k in ("task", "model", "n_layer", "n_head", "n_embd", "block_size",
-                                                 "bias", "patch_size", "mbe_layers", "seed", "reverse_answer",
-                                                 "digits_min", "digits_max", "ood_digits_min", "ood_digits_max",
-                                                 "n_eval")})
+    if ck:
+        adopt_checkpoint_config(cfg, ck, master)
     cfg = resolve(cfg)
     B, T = cfg["batch_size"], cfg["block_size"]
     tokens_per_micro = B * T * world
@@ -941,10 +1038,27 @@ def save(cfg, raw, optimizer, controller, scaler, loader, step, ddp, world, mast
             "scaler": scaler.state_dict(), "step": step, "config": cfg, "ranks": ranks, "pending": pending})
 
 
+def read_records(path):
+    """The records in a log.jsonl; a damaged line (a torn write, stray bytes) is skipped, with a
+    warning."""
+    recs, bad = [], []
+    with open(path, "rb") as f:
+        for i, line in enumerate(f, 1):
+            try:
+                rec = json.loads(line)
+                ok = isinstance(rec, dict) and line.endswith(b"\n")
+            except ValueError:   # JSONDecodeError and UnicodeDecodeError both are
+                ok = False
+            recs.append(rec) if ok else bad.append(i)
+    if bad:
+        lines = ", ".join(map(str, bad[:5]))
+        print(f"warning: {path}: skipped {len(bad)} damaged line(s): {lines}")
+    return recs
+
+
 def read_log(run_dir, kind):
     """The records of one kind ("train", "eval", "align", "skip") in run_dir/log.jsonl."""
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["kind"] == kind]
+    return [r for r in read_records(os.path.join(run_dir, "log.jsonl")) if r.get("kind") == kind]
 
 
 def phase_spans(steps, phases):
@@ -1127,15 +1241,21 @@ def compare(cfg):
     check_dir(os.path.dirname(path) or ".", "fig" if cfg["fig"] else "out_dir")   # before the runs, not after
     runs = [(arm, s, os.path.join(cfg["out_dir"], f"{arm}_seed{s}"))   # seeds outer: a stopped comparison
             for s in range(cfg["seeds"]) for arm in arms]              # has every arm for the seeds done
+    made, lock = not os.path.isdir(cfg["out_dir"]), lock_dir(cfg["out_dir"])   # held until we return
     if cfg["init_from"] != "resume":   # a fresh comparison: no arm may later resume an earlier one's run
-        for _, _, out in runs:
-            retire_checkpoint(out)
+        keep_earlier_run(cfg["out_dir"])
     dirs = {arm: [] for arm in arms}
     for arm, s, out in runs:
         print(f"=== {arm}, seed {cfg['seed'] + s} -> {out}", flush=True)
         resume = cfg["init_from"] == "resume" and os.path.exists(os.path.join(out, "ckpt.pt"))
-        run(dict(cfg, phase_mode=arm, seed=cfg["seed"] + s, out_dir=out, compare="",
-                 init_from="resume" if resume else "scratch"))   # resume a stopped comparison
+        try:
+            run(dict(cfg, phase_mode=arm, seed=cfg["seed"] + s, out_dir=out, compare="",
+                     init_from="resume" if resume else "scratch"))   # resume a stopped comparison
+        except ConfigError:   # bad input found by the first run: leave no out_dir made for nothing
+            if made and os.listdir(cfg["out_dir"]) == [".lock"]:
+                os.remove(lock.name)
+                os.rmdir(cfg["out_dir"])
+            raise
         dirs[arm].append(out)
     table = compare_table(dirs)
     with open(os.path.join(cfg["out_dir"], "results.json"), "w") as f:
@@ -1406,6 +1526,7 @@ def run(cfg):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    cfg = None
     try:
         cfg = parse_args(argv)
         if cfg["bench"]:
@@ -1415,13 +1536,34 @@ def main(argv=None):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingError as e:
+    except (TrainingError, OSError) as e:   # OSError: e.g. a full disk, writing a log or figure
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:   # a collective's (or DDP forward's) when --dist_timeout runs out
+        if "RANK" not in os.environ or "timed out" not in str(e).lower():
+            raise
+        print(f"error: rank {os.environ['RANK']}: no word from the other processes for "
+              f"--dist_timeout={cfg['dist_timeout']} s (one stalled or died); the last checkpoint, "
+              f"if any, is {os.path.join(cfg['out_dir'], 'ckpt.pt')}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            print(interrupted(cfg, argv), file=sys.stderr)
+        return 130
     finally:   # on an error path too: a process group left to the interpreter's exit can abort it
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0
+
+
+def interrupted(cfg, argv):
+    """The line Ctrl-C prints: where the last checkpoint is and how to go on from it."""
+    if cfg is None or cfg["task"] == "forgetting":
+        return "stopped (Ctrl-C); nothing to resume: run the command again"
+    flags = [a for a in argv if not a.startswith("--init_from")] + ["--init_from=resume"]
+    again = shlex.join(["python", os.path.relpath(__file__), *flags])
+    where = os.path.join(cfg["out_dir"], "*_seed*" if cfg["compare"] else "", "ckpt.pt")
+    return f"stopped (Ctrl-C); the last checkpoint is {where} (if one was written); resume: {again}"
 
 
 if __name__ == "__main__":

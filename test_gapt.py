@@ -3,9 +3,12 @@
     python -m pytest            # everything
     python -m pytest -k mbe     # a part
 """
+import errno
 import json
 import math
 import os
+import signal
+import socket
 import subprocess
 import sys
 import types
@@ -420,19 +423,19 @@ def test_unusable_output_paths_are_one_line_errors(tmp_path, capsys):
     assert afile.read_text() == "keep" and not (tmp_path / "cmp").exists()   # no comparison started
 
 
-def test_fresh_run_removes_an_earlier_runs_checkpoint(tmp_path):
+def test_fresh_run_moves_an_earlier_runs_files_aside(tmp_path):
     # else --init_from=resume would pair the arithmetic checkpoint with the toy's log
     out = tmp_path / "run"
     assert run_gapt(*TINY, "--max_iters=4", "--eval_interval=2", f"--out_dir={out}").returncode == 0
     assert (out / "ckpt.pt").exists()
     r = run_gapt("--task=forgetting", "--max_iters=20", f"--out_dir={out}")
-    assert r.returncode == 0 and "kept as ckpt.prev.pt" in r.stdout and not (out / "ckpt.pt").exists(), r.stderr
-    assert torch.load(out / "ckpt.prev.pt", weights_only=False)["step"] == 4      # retired, not lost
+    assert r.returncode == 0 and "kept in" in r.stdout and not (out / "ckpt.pt").exists(), r.stderr
+    assert gapt.read_checkpoint(out / "earlier" / "1" / "ckpt.pt")["step"] == 4   # kept, not lost
     r = run_gapt(*TINY, "--init_from=resume", "--max_iters=6", f"--out_dir={out}")
     assert r.returncode == 2 and "no checkpoint" in r.stderr
 
 
-def test_fresh_compare_retires_every_arms_checkpoint_before_its_first_run(tmp_path, monkeypatch):
+def test_fresh_compare_moves_every_arms_run_aside_before_its_first_run(tmp_path, monkeypatch):
     # stopped after its first run, a fresh comparison must not leave an earlier one's runs to resume
     out = tmp_path / "cmp"
     for d in ("memorize_seed0", "gapt_seed0"):
@@ -449,7 +452,7 @@ def test_fresh_compare_retires_every_arms_checkpoint_before_its_first_run(tmp_pa
         gapt.compare(gapt.parse_args(["--task=forgetting", "--compare=memorize,gapt", "--seeds=1", f"--out_dir={out}"]))
     assert len(runs) == 2
     for d in ("memorize_seed0", "gapt_seed0"):
-        assert not (out / d / "ckpt.pt").exists() and (out / d / "ckpt.prev.pt").exists()
+        assert not (out / d / "ckpt.pt").exists() and (out / "earlier/1" / d / "ckpt.pt").exists()
 
 
 def test_grad_scaler_survives_a_skipped_step():
@@ -518,16 +521,16 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert {t["phase"] for t in straight} == {1, 2}                  # the controller state was resumed too
     assert straight == resumed                                       # same CE, MBE and phase at every step
     assert without_timing(read_log(a, "eval")) == without_timing(read_log(b, "eval"))
-    ck = torch.load(b / "ckpt.pt", weights_only=False)
+    ck = gapt.read_checkpoint(b / "ckpt.pt")
     assert ck["step"] == 40 and not any(k.startswith("_orig_mod") for k in ck["model"])
 
 
 def test_resume_drops_log_lines_after_the_checkpoint(tmp_path):
     out = tmp_path / "run"
     assert run_gapt(*STEADY, "--max_iters=10", "--eval_interval=5", f"--out_dir={out}").returncode == 0
-    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    ck = gapt.read_checkpoint(out / "ckpt.pt")
     ck["step"] = 5                                                   # as if killed after the step-5 checkpoint
-    torch.save(ck, out / "ckpt.pt")
+    gapt.save_checkpoint(str(out / "ckpt.pt"), ck)
     r = run_gapt(*STEADY, "--max_iters=10", "--eval_interval=5", f"--out_dir={out}", "--init_from=resume")
     assert r.returncode == 0, r.stderr
     assert [t["step"] for t in read_log(out, "train")] == list(range(1, 11))
@@ -571,7 +574,7 @@ def test_ddp_two_cpu_processes_agree_on_phases(tmp_path):
     assert r.stdout.count("done: 30 steps") == 1                     # only rank 0 prints
     phases = [t["phase"] for t in read_log(out, "train")]
     assert len(phases) == 30 and 1 in phases and 2 in phases
-    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    ck = gapt.read_checkpoint(out / "ckpt.pt")
     assert len(ck["ranks"]) == 2 and ck["ranks"][0]["data"] != ck["ranks"][1]["data"]
 
 # -----------------------------------------------------------------------------
@@ -1078,7 +1081,8 @@ def test_compare_runs_every_arm_and_seed_then_table_and_figures(tmp_path):
     r = run_gapt(*TINY, "--max_iters=12", "--eval_interval=6", "--align_interval=3", "--p_m=2", "--p_c=2",
                  "--compare=memorize,gapt", "--seeds=2", f"--out_dir={out}", f"--fig={fig}")
     assert r.returncode == 0, r.stderr
-    assert sorted(os.listdir(out)) == ["gapt_seed0", "gapt_seed1", "memorize_seed0", "memorize_seed1", "results.json"]
+    assert sorted(set(os.listdir(out)) - {".lock"}) == ["gapt_seed0", "gapt_seed1", "memorize_seed0", "memorize_seed1",
+                                                      "results.json"]
     table = json.loads((out / "results.json").read_text())
     assert set(table) == {"memorize", "gapt"} and len(table["gapt"]["id_ce"]) == 2   # (mean, std)
     assert "| memorize |" in r.stdout and fig.stat().st_size > 0 and (fig.parent / "cycle.png").exists()
@@ -1174,7 +1178,7 @@ def test_resume_with_read_lag_one_reproduces_uninterrupted_run(tmp_path):
     args = [*STEADY, "--read_lag=1", "--eval_interval=10"]
     assert run_gapt(*args, "--max_iters=30", f"--out_dir={a}").returncode == 0
     assert run_gapt(*args, "--max_iters=15", f"--out_dir={b}").returncode == 0
-    assert len(torch.load(b / "ckpt.pt", weights_only=False)["pending"]) == 1
+    assert len(gapt.read_checkpoint(b / "ckpt.pt")["pending"]) == 1
     r = run_gapt(*args, "--max_iters=30", f"--out_dir={b}", "--init_from=resume")
     assert r.returncode == 0, r.stderr
     straight, resumed = without_timing(read_log(a, "train")), without_timing(read_log(b, "train"))
@@ -1252,3 +1256,188 @@ def test_compare_writes_each_arms_paired_differences_to_results_json(tmp_path):
         assert d["diff"] == pytest.approx(np.mean(diffs)), k
         assert d["ci95"] == pytest.approx([np.mean(diffs) - half, np.mean(diffs) + half],
                                           abs=1e-4), k
+
+# issue 11, faults: one run per out_dir, earlier runs kept, damaged files, full disks,
+# stalled ranks, Ctrl-C, resume messages. Each ends in one line and loses nothing.
+
+FAST = ["--device=cpu", *TINY, "--eval_interval=2", "--n_eval=32"]
+
+
+def small_run(out, *args, capsys=None):
+    """An in-process 4-step arithmetic run (checkpoints at steps 2 and 4): (exit code, stderr)."""
+    code = gapt.main([*FAST, "--max_iters=4", f"--out_dir={out}", *args])
+    return code, capsys.readouterr().err if capsys else ""
+
+
+def test_a_locked_out_dir_refuses_a_second_run_and_a_killed_holder_frees_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    held = gapt.lock_dir(str(out))                    # as a run in progress holds it
+    one_line_error(*small_run(out, capsys=capsys), 2, "another run", str(os.getpid()))
+    assert os.listdir(out) == [".lock"]              # nothing written
+    held.close()
+    hold = f"import gapt, time\ngapt.lock_dir({str(out)!r})\nprint('locked', flush=1)\ntime.sleep(99)"
+    child = subprocess.Popen([sys.executable, "-c", hold], cwd=HERE, stdout=subprocess.PIPE,
+                             text=True)
+    assert child.stdout.readline() == "locked\n"
+    child.kill()                                      # a killed run leaves no stale lock
+    child.wait()
+    assert small_run(out)[0] == 0 and (out / "ckpt.pt").exists()
+
+
+def test_fresh_runs_into_one_out_dir_keep_every_earlier_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    logs = []
+    for seed in (1, 2, 3):
+        args = ["--task=forgetting", "--max_iters=5", f"--seed={seed}", f"--out_dir={out}"]
+        assert gapt.main(args) == 0
+        logs.append((out / "log.jsonl").read_text())
+    assert "kept in" in capsys.readouterr().out
+    assert [(out / "earlier" / n / "log.jsonl").read_text() for n in ("1", "2")] == logs[:2]
+    assert json.loads((out / "earlier" / "2" / "config.json").read_text())["seed"] == 2
+    assert len(set(logs)) == 3
+
+
+def test_damaged_log_lines_are_skipped_with_a_warning_on_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert small_run(out)[0] == 0
+    lines = (out / "log.jsonl").read_bytes().split(b"\n")
+    i = lines.index(next(x for x in lines if x.startswith(b'{"kind": "train", "step": 3,')))
+    lines[i] = b"GARBAGE{{"
+    (out / "log.jsonl").write_bytes(b"\n".join(lines) + b"\xff\xfe\n")
+    capsys.readouterr()
+    assert small_run(out, "--max_iters=6", "--init_from=resume")[0] == 0
+    assert f"skipped 2 damaged line(s): {i + 1}, " in capsys.readouterr().out
+    assert [r["step"] for r in read_log(out, "train")] == [1, 2, 4, 5, 6]   # step 3's was damaged
+
+
+def test_token_ids_outside_the_vocabulary_are_one_line_with_nothing_written(tmp_path, capsys):
+    for bad in (50257, 65000):                        # GPT-2's padding rows, and beyond the model
+        shards = tmp_path / f"shards{bad}"
+        shards.mkdir()
+        ids = np.arange(1000) % 50000
+        data.write_shard(str(shards / "x_val_000000.bin"), ids)
+        data.write_shard(str(shards / "x_train_000001.bin"), np.where(ids == 777, bad, ids))
+        code = gapt.main(["--task=text", f"--data_dir={shards}", f"--out_dir={tmp_path / 'run'}",
+                          "--device=cpu"])
+        err = capsys.readouterr().err
+        one_line_error(code, err, 2, "x_train_000001.bin", f"token id {bad}")
+        assert not (tmp_path / "run").exists()
+
+
+def test_an_out_dir_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert small_run(out)[0] == 0
+    real_open = open
+
+    def read_only(path, mode="r", *a, **k):           # as on a read-only mount (root ignores chmod)
+        if str(path).startswith(str(out)) and mode[0] in "wa":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, mode, *a, **k)
+    monkeypatch.setattr(gapt, "open", read_only, raising=False)
+    for resume in ("scratch", "resume"):
+        one_line_error(*small_run(out, f"--init_from={resume}", capsys=capsys), 2, "cannot write")
+    assert gapt.read_checkpoint(out / "ckpt.pt")["step"] == 4
+
+
+def test_config_json_folder_and_a_stray_tmp_on_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert small_run(out)[0] == 0
+    (out / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")   # a kill during a save
+    (out / "config.json").unlink()
+    (out / "config.json").mkdir()
+    one_line_error(*small_run(out, "--init_from=resume", capsys=capsys), 2, "config.json")
+    assert not (out / "ckpt.pt.tmp").exists()
+    (out / "config.json").rmdir()
+    assert small_run(out, "--init_from=resume", "--max_iters=6")[0] == 0
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_no_tmp(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    gapt.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+    real_open = open
+
+    class Full:                                       # writes 10 bytes, then the disk is full
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *e):
+            self.f.close()
+
+        def write(self, b):
+            self.f.write(bytes(b)[:10])
+            raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(gapt, "open", lambda p, m="r": Full(real_open(p, m)), raising=False)
+    with pytest.raises(gapt.TrainingError, match="No space left on device.*checkpoint .* kept"):
+        gapt.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and gapt.read_checkpoint(path)["step"] == 1
+
+
+def test_values_that_would_crash_later_are_one_line(capsys):
+    for flag in ("--learning_rate=1e38", "--seed=99999999999999999999", "--min_lr=1e38",
+                 "--dist_timeout=0"):
+        one_line_error(gapt.main([flag]), capsys.readouterr().err, 2, flag.split("=")[0])
+
+
+def test_resume_names_overridden_flags_and_refuses_a_max_iters_below_its_step(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert small_run(out)[0] == 0
+    capsys.readouterr()
+    assert small_run(out, "--init_from=resume", "--seed=5", "--n_layer=2")[0] == 0
+    said = capsys.readouterr().out
+    assert "--seed=5 (now 1337)" in said and "--n_layer=2 (now 3)" in said
+    assert "nothing to train" in said
+    code, err = small_run(out, "--init_from=resume", "--max_iters=3", capsys=capsys)
+    one_line_error(code, err, 2, "step 4")
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_named(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert small_run(out)[0] == 0
+    blob = bytearray((out / "ckpt.pt").read_bytes())
+    blob[len(blob) // 2] ^= 1
+    (out / "ckpt.pt").write_bytes(blob)
+    one_line_error(*small_run(out, "--init_from=resume", capsys=capsys), 2, "checksum", "ckpt.pt")
+
+
+def test_ctrl_c_is_one_line_with_the_resume_command_and_exit_130(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(HERE, "gapt.py"), *FAST, "--max_iters=999", f"--out_dir={out}"]
+    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if line.startswith("step     3"):             # after the step-2 checkpoint
+            break
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.count("\n") == 1 and err.startswith("stopped (Ctrl-C)"), err
+    assert f"the last checkpoint is {out / 'ckpt.pt'}" in err
+    assert err.strip().endswith(f"--out_dir={out} --init_from=resume")
+    assert gapt.read_checkpoint(out / "ckpt.pt")["step"] >= 2 and not (out / "ckpt.pt.tmp").exists()
+
+
+def test_a_stalled_rank_stops_the_other_after_dist_timeout(tmp_path):
+    # two gloo processes started by hand (so the test knows their pids); rank 1 SIGSTOPped mid-run
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    cmd = [sys.executable, os.path.join(HERE, "gapt.py"), "--device=cpu", "--n_layer=1",
+           "--n_head=2", "--n_embd=16", "--batch_size=4", "--log_interval=1", "--eval_interval=0",
+           "--max_iters=100000", "--dist_timeout=3", f"--out_dir={tmp_path / 'run'}"]
+    env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    procs = [subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in (0, 1)]
+    try:
+        for line in procs[0].stdout:
+            if line.startswith("step "):
+                break
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        _, err = procs[0].communicate(timeout=120)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    one_line_error(procs[0].returncode, err, 1, "rank 0", "--dist_timeout=3 s")
