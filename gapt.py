@@ -572,13 +572,14 @@ def grad_alignment(model, x, y, cfg):
     return cos(set(params)), per_layer
 
 # -----------------------------------------------------------------------------
-# Training loop: setup, checkpoints, logging, then the steps.
+# Training loop: the device, the optimizer, the schedule, then train(), whose step reads
+# forward (CE and M) -> IBLM loss -> backward -> clipped update -> the controller's next phase.
 
 
 def setup_device(cfg):
     """(device, autocast context, grad scaler, ddp info). One code path for cpu, mps and cuda."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ   # launched by torchrun
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    rank, local, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     dev = cfg["device"]
     if dev == "auto":
         dev = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -586,31 +587,33 @@ def setup_device(cfg):
         device = torch.device(dev)
     except RuntimeError:
         raise ConfigError(f"--device={dev}: not a device (use auto, cpu, cuda, cuda:N or mps)") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device={dev}: use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
         raise ConfigError(f"--device={dev}: no such CUDA device on this machine")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("--device=mps: MPS is not available on this machine")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"--device={dev}: use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda":   # set_device needs an index: torchrun's local rank, else N of cuda:N, else 0
-        device = torch.device("cuda", local_rank if ddp else device.index or 0)
     if ddp:
-        import torch.distributed as dist
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=cfg["dist_timeout"]))
-    if device.type == "cuda":
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(seconds=cfg["dist_timeout"]))
+    if device.type == "cuda":   # set_device needs an index: torchrun's local rank, else N of cuda:N, else 0
+        device = torch.device("cuda", local if ddp else device.index or 0)
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    dtype = cfg["dtype"]
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if dtype == "float16" and device.type != "cuda":
+    if cfg["dtype"] == "auto":
+        cfg["dtype"] = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if cfg["dtype"] == "float16" and device.type != "cuda":
         raise ConfigError("--dtype=float16 needs a CUDA device (use bfloat16 or float32)")
-    cfg["dtype"] = dtype
-    ptdtype = getattr(torch, dtype)
-    ctx = nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=ptdtype)
-    scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "float16"))
+    ctx = nullcontext() if cfg["dtype"] == "float32" else torch.autocast(device.type, getattr(torch, cfg["dtype"]))
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg["dtype"] == "float16")
     return device, ctx, scaler, (ddp, rank, world)
+
+
+def build(cfg, device):
+    """The GPT, initialised from --seed, and its optimizer."""
+    torch.manual_seed(cfg["seed"])
+    model = GPT(GPTConfig(**{k: cfg[k] for k in GPTConfig.__dataclass_fields__})).to(device)
+    return model, make_optimizer(model, cfg, device)
 
 
 def make_optimizer(model, cfg, device):
@@ -629,6 +632,186 @@ def get_lr(step, cfg):
         return lr * (step + 1) / warm
     t = (step - warm) / max(1, total - warm)
     return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * min(t, 1.0))) * (lr - cfg["min_lr"])
+
+
+def update(raw, optimizer, scaler, cfg, stats):
+    """Clip the gradient and step, unless CE, M (stats[:2]) or the gradient norm is not finite: then
+    the update is skipped (under fp16 the grad scaler also skips overflows). A fused optimizer (AdamW
+    on cuda) skips on the device from a found_inf flag, as under fp16's grad scaler, so the host does
+    not wait for the GPU here; others read the flag on the host. Returns (*stats, norm, ok)."""
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"] or math.inf)
+    ok = torch.isfinite(stats[:2]).all() & (torch.isfinite(norm) | scaler.is_enabled())
+    if getattr(optimizer, "_step_supports_amp_scaling", False) and not scaler.is_enabled():
+        optimizer.grad_scale, optimizer.found_inf = None, (~ok).float()
+        optimizer.step()
+        del optimizer.grad_scale, optimizer.found_inf
+    elif ok:
+        scaler.step(optimizer)
+    scaler.update()              # also after a skip: it closes the unscale_ above (a no-op without fp16)
+    optimizer.zero_grad(set_to_none=True)
+    return torch.cat([stats, norm.float()[None], ok.float()[None]])
+
+
+def host_copy(t):
+    """Start moving t to the host: on cuda a non-blocking copy and an event marking its end, so the
+    host can launch the next step while the GPU finishes this one; elsewhere the values now."""
+    if t.device.type != "cuda":
+        return t.tolist()
+    t, done = t.to("cpu", non_blocking=True), torch.cuda.Event()
+    done.record()
+    return t, done
+
+
+def host_values(copy):
+    """The values of a host_copy, waiting for its copy to end if it has not."""
+    if isinstance(copy, list):
+        return copy
+    copy[1].synchronize()
+    return copy[0].tolist()
+
+
+def train(cfg):
+    device, ctx, scaler, (ddp, rank, world) = setup_device(cfg)
+    master = rank == 0
+    ck = load_checkpoint(cfg, master) if cfg["init_from"] == "resume" else None   # adopts its model and data
+    cfg = resolve(cfg)
+    B, T, W = cfg["batch_size"], cfg["block_size"], cfg["mbe_weight"]
+    total = cfg["total_batch_size"] or B * T * world   # tokens per optimizer step, over all processes
+    if total % (B * T * world):
+        raise ConfigError(f"--total_batch_size={total} is not a multiple of batch_size * block_size * "
+                          f"processes = {B * T * world}")
+    accum = total // (B * T * world)
+    loader, evals = make_data(cfg, rank, world)    # before anything is written: a bad size is bad input
+    raw, optimizer = build(cfg, device)   # raw: the GPT, uncompiled and unwrapped, what checkpoints hold
+    ctrl, phase = controller(cfg)
+    step, pending = 0, deque()   # pending: steps launched, not yet seen by the controller (below)
+    if ck:
+        raw.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        ctrl.load_state_dict(ck["gapt"])
+        scaler.load_state_dict(ck["scaler"])
+        step, pending, phase = ck["step"], deque(ck.get("pending", [])), ctrl.phase if cfg["phase_mode"] == "gapt" else phase
+        restore_rank(ck, loader, rank, world)
+    model = IBLM(raw, cfg["layers"], cfg["patch_size"])   # CE and M from one forward pass
+    if cfg["compile"] == "on" or (cfg["compile"] == "auto" and device.type == "cuda"):
+        model = torch.compile(model)                      # one graph of the GPT and its MBE, per phase
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    log = open_run(cfg, master, step if ck else None)
+    log.print(f"torch {torch.__version__} | device {device} | dtype {cfg['dtype']} | processes {world} | "
+              f"{raw.num_params():,} parameters | MBE on layers {cfg['layers']} of {cfg['n_layer']}")
+    log.print(f"batch: {total:,} tokens/step = {B} seqs x {T} tokens x {world} processes x {accum} accumulation steps")
+    if step == 0 and cfg["eval_interval"] and master:
+        log.record(kind="eval", step=0, **run_eval(raw, evals, cfg, device, ctx))
+    # The host reads a step's CE, M and gradient norm `lag` steps after launching it. On cuda (lag 1)
+    # the GPU then never waits for the host: the phase of step t+1 is decided from step t-1's CE and
+    # M, read from a non-blocking copy. Elsewhere (lag 0) from step t's, as in Algorithm 1.
+    lag = int(device.type == "cuda") if cfg["read_lag"] == "auto" else int(cfg["read_lag"])
+    bad, t_start, start, switches = 0, time.time(), step, 0
+    while step < cfg["max_iters"]:
+        t0, lr = time.time(), get_lr(step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        stats = torch.zeros(3, device=device)      # CE, M, phase: means over micro-batches and ranks
+        for micro in range(accum):
+            x, y = (t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+                    for t in loader.batch(B))
+            if ddp:   # sync gradients on the last micro-step only; must be set before the forward pass
+                model.require_backward_grad_sync = micro == accum - 1
+            with ctx:
+                ce, M = model(x, y, phase == COMPRESS)          # CE, and the MBE of the chosen layers
+            loss = iblm_loss(ce, M, phase, W)                   # + mbe_weight * M when compressing
+            scaler.scale(loss / accum).backward()               # a mean over micro-batches, not a sum
+            stats += torch.stack([ce.detach().float(), M.detach(), torch.full((), float(phase), device=device)]) / accum
+        stats = update(raw, optimizer, scaler, cfg, all_mean(stats, ddp, world))   # skips non-finite steps
+        step += 1                                  # a skipped step counts, as under fp16's grad scaler
+        pending.append({"step": step, "phase": phase, "lr": lr, "ms": 1000 * (time.time() - t0),
+                        "stats": host_copy(stats)})
+        while len(pending) > lag:                  # the controller sees step s once s + lag is launched
+            rec = settle(pending.popleft(), log, cfg, total)
+            ce, mbe, phase_mean, norm, ok = rec["stats"]
+            if abs(phase_mean - rec["phase"]) > 1e-6:   # every rank reads the same all-reduced CE and M
+                raise TrainingError(f"step {rec['step']}: processes disagree about the phase "
+                                    f"(mean {phase_mean}, this one {rec['phase']})")
+            bad = 0 if ok else bad + 1
+            if not ok:                             # the update was skipped; the controller never sees it
+                log.print(f"step {rec['step']}: non-finite ce={ce} mbe={mbe} grad_norm={norm}: "
+                          f"update skipped ({bad}/{cfg['max_bad_steps']})")
+                if bad >= cfg["max_bad_steps"]:
+                    raise TrainingError(f"stopped after {bad} consecutive non-finite steps (try a lower "
+                                        f"--learning_rate); the last good checkpoint, if any, is "
+                                        f"{os.path.join(cfg['out_dir'], 'ckpt.pt')}")
+            elif cfg["phase_mode"] == "gapt":
+                new = ctrl.step(ce, mbe)           # Algorithm 1 picks the phase of the next step
+                switches, phase = switches + (new != phase), new
+        if master and cfg["align_interval"] and step % cfg["align_interval"] == 0:
+            cos, per_layer = grad_alignment(raw, *(t.to(device) for t in next(iter(evals.values()))[0]), cfg)
+            log.record(kind="align", step=step, cos=cos, cos_layers=per_layer)
+        if (cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or step == cfg["max_iters"]:
+            for rec in pending:                    # logged now, given to the controller on time
+                settle(rec, log, cfg, total)
+            if master:
+                metrics = run_eval(raw, evals, cfg, device, ctx)
+                log.record(kind="eval", step=step, **metrics)
+                log.print(f"eval {step:>5} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                          if not isinstance(v, list)))
+            save(cfg, loader, ddp, world, master, {
+                "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "gapt": ctrl.state_dict(),
+                "scaler": scaler.state_dict(), "step": step, "config": cfg, "pending": list(pending)})
+    if ddp:   # every rank leaves the process group together, before rank 0 writes the summary
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if master:
+        summary(cfg, time.time() - t_start, start, switches)
+        if cfg["task"] == "text":
+            print_samples(raw, evals["val"][0][0], cfg, device)
+
+
+def all_mean(t, ddp, world):
+    """Mean over ranks. gloo has no ReduceOp.AVG: sum, then divide."""
+    if ddp:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        t /= world
+    return t
+
+
+def settle(rec, log, cfg, total):
+    """Read a launched step's values on the host (once) and log them: a train or a skip record."""
+    if not rec.get("logged"):
+        rec["stats"], rec["logged"] = host_values(rec["stats"]), True
+        (ce, mbe, _, norm, ok), step, ms = rec["stats"], rec["step"], rec["ms"]
+        if not ok:
+            log.record(kind="skip", step=step, ce=ce, mbe=mbe, grad_norm=norm)
+        else:
+            log.record(kind="train", step=step, phase=rec["phase"], ce=ce, mbe=mbe, lr=rec["lr"], ms=ms,
+                       tok_s=1000 * total / ms)
+        if ok and (step % cfg["log_interval"] == 0 or step == 1 or step == cfg["max_iters"]):
+            log.print(f"step {step:>5}/{cfg['max_iters']} | {('', 'memorise', 'compress')[rec['phase']]} | "
+                      f"ce {ce:.4f} | mbe {mbe:.4f} | lr {rec['lr']:.2e} | {ms:.1f} ms | "
+                      f"{1000 * total / ms:,.0f} tok/s")
+    return rec
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (e.g. persistent NaNs): reported as one line, exit code 1."""
+
+# -----------------------------------------------------------------------------
+# The run folder: one run at a time, an earlier run kept whole, checkpoints that are atomic and
+# checksummed and hold every rank's data and RNG state, a log that survives a damaged line.
+
+
+def save(cfg, loader, ddp, world, master, state):
+    """Checkpoint state and every rank's data-generator and RNG states (gathered to rank 0): enough to
+    continue as if never stopped. Never from non-finite weights."""
+    mine = {"data": loader.state_dict(), "rng": rng_state()}
+    ranks = [None] * world if ddp else [mine]
+    if ddp:
+        torch.distributed.all_gather_object(ranks, mine)
+    if master and not all(torch.isfinite(p).all() for p in state["model"].values()):
+        print(f"step {state['step']}: non-finite weights, checkpoint not written")
+    elif master:
+        save_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), {**state, "ranks": ranks})
 
 
 CKPT_MAGIC = b"GAPT-CKPT sha256 "   # then the payload's sha256 (64 hex digits), "\n", the payload
@@ -666,21 +849,16 @@ def read_checkpoint(path):
     return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
 
 
-def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}   # this rank's GPU
+# on resume the model and the data are the checkpoint's; the schedule and logging the command line's
+RESUMED = ("task", "model", "n_layer", "n_head", "n_embd", "block_size", "bias", "patch_size",
+           "mbe_layers", "seed", "reverse_answer", "digits_min", "digits_max", "ood_digits_min",
+           "ood_digits_max", "n_eval")
 
 
-def set_rng_state(s):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(s["cuda"])
-
-
-def load_checkpoint(out_dir):
-    path = os.path.join(out_dir, "ckpt.pt")
+def load_checkpoint(cfg, master):
+    """out_dir's checkpoint, whole and checked; cfg takes its model and data settings, naming the
+    flags given other values that they replace."""
+    path = os.path.join(cfg["out_dir"], "ckpt.pt")
     if not os.path.exists(path):
         raise ConfigError(f"--init_from=resume: no checkpoint at {path}")
     try:
@@ -691,36 +869,62 @@ def load_checkpoint(out_dir):
     except ConfigError as e:
         raise ConfigError(f"--init_from=resume: {e}") from None
     except Exception as e:
-        raise ConfigError(f"--init_from=resume: {path} is damaged ({type(e).__name__}); delete it to start over") from None
+        raise ConfigError(f"--init_from=resume: {path} is damaged ({type(e).__name__}); "
+                          f"delete it to start over") from None
+    given = [k for k in RESUMED if cfg[k] != DEFAULTS[k] and cfg[k] != ck["config"][k]]
+    if given and master:
+        print("resume: the checkpoint's values replace " +
+              ", ".join(f"--{k}={cfg[k]} (now {ck['config'][k]})" for k in given))
+    cfg.update({k: ck["config"][k] for k in RESUMED})
+    if cfg["max_iters"] < ck["step"]:
+        raise ConfigError(f"--max_iters={cfg['max_iters']}: the checkpoint is at step {ck['step']} "
+                          f"already; give a larger --max_iters to train on")
+    if cfg["max_iters"] == ck["step"] and master:
+        print(f"resume: the checkpoint is at step {ck['step']} = --max_iters: nothing to train")
     return ck
 
 
-class Logger:
-    """Rank 0 only: one human line per log interval, every record to log.jsonl."""
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}   # this rank's GPU
 
-    def __init__(self, out_dir, master, resume_step=None):
-        self.master, self.path = master, os.path.join(out_dir, "log.jsonl")
-        if master and resume_step is not None and os.path.exists(self.path):
-            self.truncate_after(resume_step)   # steps after the checkpoint will be run again
-        self.f = open(self.path, "a" if resume_step is not None else "w") if master else None
 
-    def truncate_after(self, step):
-        keep = [json.dumps(r) + "\n" for r in read_records(self.path) if r.get("step", 0) <= step]
-        with open(self.path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(self.path + ".tmp", self.path)
+def restore_rank(ck, loader, rank, world):
+    """This rank's data stream and RNG states from checkpoint ck."""
+    if len(ck["ranks"]) != world:   # another number of processes: each rank's stream starts afresh
+        if rank == 0:
+            print(f"resume: checkpoint from {len(ck['ranks'])} processes, now {world}: data streams restart")
+        return
+    s = ck["ranks"][rank]["rng"]
+    loader.load_state_dict(ck["ranks"][rank]["data"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
 
-    def record(self, **rec):
-        if self.master:
+
+def read_records(path):
+    """The records in a log.jsonl; a damaged line (a torn write, stray bytes) is skipped, with a
+    warning."""
+    recs, bad = [], []
+    with open(path, "rb") as f:
+        for i, line in enumerate(f, 1):
             try:
-                self.f.write(json.dumps(rec) + "\n")
-                self.f.flush()
-            except OSError as e:   # a full disk: one line, and the last checkpoint is whole
-                raise TrainingError(f"cannot write {self.path} ({e.strerror or e})") from None
+                rec = json.loads(line)
+                ok = isinstance(rec, dict) and line.endswith(b"\n")
+            except ValueError:   # JSONDecodeError and UnicodeDecodeError both are
+                ok = False
+            recs.append(rec) if ok else bad.append(i)
+    if bad:
+        lines = ", ".join(map(str, bad[:5]))
+        print(f"warning: {path}: skipped {len(bad)} damaged line(s): {lines}")
+    return recs
 
-    def print(self, *a):
-        if self.master:
-            print(*a, flush=True)
+
+def read_log(run_dir, kind):
+    """The records of one kind ("train", "eval", "align", "skip") in run_dir/log.jsonl."""
+    return [r for r in read_records(os.path.join(run_dir, "log.jsonl")) if r.get("kind") == kind]
 
 
 def make_dir(path, flag):
@@ -801,264 +1005,36 @@ def open_run(cfg, master, resume_step=None):
     return log
 
 
-def all_mean(t, ddp, world):
-    """Mean over ranks. gloo has no ReduceOp.AVG: sum, then divide."""
-    if ddp:
-        import torch.distributed as dist
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= world
-    return t
+class Logger:
+    """Rank 0 only: one human line per log interval, every record to log.jsonl."""
 
+    def __init__(self, out_dir, master, resume_step=None):
+        self.master, self.path = master, os.path.join(out_dir, "log.jsonl")
+        if master and resume_step is not None and os.path.exists(self.path):
+            self.truncate_after(resume_step)   # steps after the checkpoint will be run again
+        self.f = open(self.path, "a" if resume_step is not None else "w") if master else None
 
-class TrainingError(RuntimeError):
-    """A run that cannot go on (e.g. persistent NaNs): reported as one line, exit code 1."""
+    def truncate_after(self, step):
+        keep = [json.dumps(r) + "\n" for r in read_records(self.path) if r.get("step", 0) <= step]
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(self.path + ".tmp", self.path)
 
-
-def adopt_checkpoint_config(cfg, ck, master):
-    """On resume the model and data are the checkpoint's, the schedule and logging the command
-    line's. Names the flags given non-default values that the checkpoint's replace."""
-    keys = ("task", "model", "n_layer", "n_head", "n_embd", "block_size", "bias", "patch_size",
-            "mbe_layers", "seed", "reverse_answer", "digits_min", "digits_max", "ood_digits_min",
-            "ood_digits_max", "n_eval")
-    given = [k for k in keys if cfg[k] != DEFAULTS[k] and cfg[k] != ck["config"][k]]
-    if given and master:
-        print("resume: the checkpoint's values replace " +
-              ", ".join(f"--{k}={cfg[k]} (now {ck['config'][k]})" for k in given))
-    cfg.update({k: ck["config"][k] for k in keys})
-    if cfg["max_iters"] < ck["step"]:
-        raise ConfigError(f"--max_iters={cfg['max_iters']}: the checkpoint is at step {ck['step']} "
-                          f"already; give a larger --max_iters to train on")
-    if cfg["max_iters"] == ck["step"] and master:
-        print(f"resume: the checkpoint is at step {ck['step']} = --max_iters: nothing to train")
-
-
-def build(cfg, device, ck):
-    """Model, optimizer and controller, restored from checkpoint ck when resuming."""
-    torch.manual_seed(cfg["seed"])
-    mc = GPTConfig(cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["block_size"], cfg["vocab_size"],
-                   cfg["dropout"], cfg["bias"])
-    model = GPT(mc).to(device)
-    optimizer = make_optimizer(model, cfg, device)
-    controller = GAPT(cfg["delta_ce"], cfg["delta_mbe"], cfg["tau"], cfg["p_m"], cfg["p_c"])
-    if ck:
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        controller.load_state_dict(ck["gapt"])
-    return model, optimizer, controller
-
-
-def micro_step(model, x, y, phase, cfg, ctx, scaler, accum):
-    """Forward (CE and M, model is an IBLM), the IBLM loss and backward on one micro-batch: the code
-    that train() runs and bench() times. Returns the detached CE and M."""
-    with ctx:
-        ce, M = model(x, y, phase == COMPRESS)
-    loss = iblm_loss(ce, M, phase, cfg["mbe_weight"]) / accum       # a mean over micro-batches, not a sum
-    scaler.scale(loss).backward()
-    return ce.detach().float(), M.detach()
-
-
-def resume(ck, loader, scaler, rank, world):
-    """Continue where checkpoint ck stopped: this rank's data stream and RNG, the grad scaler. Returns the step."""
-    if len(ck["ranks"]) == world:
-        loader.load_state_dict(ck["ranks"][rank]["data"])
-        set_rng_state(ck["ranks"][rank]["rng"])
-    elif rank == 0:   # another number of processes: each rank keeps its own fresh data stream
-        print(f"resume: checkpoint from {len(ck['ranks'])} processes, now {world}: data streams restart")
-    scaler.load_state_dict(ck["scaler"])
-    return ck["step"]
-
-
-def update(raw, optimizer, scaler, cfg, stats):
-    """Clip the gradient and step, unless CE, M (stats[:2]) or the gradient norm is not finite: then
-    the update is skipped (with fp16, the grad scaler handles an overflow itself). A fused optimizer
-    (AdamW on cuda) skips on the device from a found_inf flag, as under the fp16 grad scaler, so the
-    host does not wait for the GPU here; otherwise the flag is read on the host.
-    Returns (ce, M, phase, grad norm, ok) on the device."""
-    scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"] or math.inf)
-    ok = torch.isfinite(stats[:2]).all() & (torch.isfinite(norm) | scaler.is_enabled())
-    if getattr(optimizer, "_step_supports_amp_scaling", False) and not scaler.is_enabled():
-        optimizer.grad_scale, optimizer.found_inf = None, (~ok).float()
-        optimizer.step()
-        del optimizer.grad_scale, optimizer.found_inf
-    elif ok:
-        scaler.step(optimizer)
-    scaler.update()                  # also after a skip: it closes the unscale_ above (a no-op without fp16)
-    optimizer.zero_grad(set_to_none=True)
-    return torch.cat([stats, norm.float()[None], ok.float()[None]])
-
-
-def host_copy(t):
-    """Start moving t to the host. On cuda: a non-blocking copy and an event marking its end, so the
-    host can launch the next step while the GPU finishes this one; elsewhere: the values now."""
-    if t.device.type != "cuda":
-        return t.tolist()
-    t, done = t.to("cpu", non_blocking=True), torch.cuda.Event()
-    done.record()
-    return t, done
-
-
-def host_values(copy):
-    """The values of a host_copy, waiting for its copy to finish if needed."""
-    if isinstance(copy, list):
-        return copy
-    t, done = copy
-    done.synchronize()
-    return t.tolist()
-
-
-def to_device(t, device):
-    """A host batch to the device; on cuda from pinned memory, without blocking the host."""
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-
-
-def train(cfg):
-    device, ctx, scaler, (ddp, rank, world) = setup_device(cfg)
-    master = rank == 0
-    ck = load_checkpoint(cfg["out_dir"]) if cfg["init_from"] == "resume" else None
-    if ck:
-        adopt_checkpoint_config(cfg, ck, master)
-    cfg = resolve(cfg)
-    B, T = cfg["batch_size"], cfg["block_size"]
-    tokens_per_micro = B * T * world
-    total = cfg["total_batch_size"] or tokens_per_micro
-    if total % tokens_per_micro:
-        raise ConfigError(f"--total_batch_size={total} is not a multiple of batch_size*block_size*processes = {tokens_per_micro}")
-    accum = total // tokens_per_micro
-    loader, evals = make_data(cfg, rank, world)    # before anything is written: a bad size is bad input
-    model, optimizer, controller = build(cfg, device, ck)
-    phase = {"gapt": controller.phase, "memorize": MEMORIZE, "compress": COMPRESS}[cfg["phase_mode"]]
-    step = resume(ck, loader, scaler, rank, world) if ck else 0
-    raw = model                                    # the GPT, uncompiled, unwrapped: what checkpoints hold
-    model = IBLM(raw, cfg["layers"], cfg["patch_size"])   # CE and M from one forward pass
-    if cfg["compile"] == "on" or (cfg["compile"] == "auto" and device.type == "cuda"):
-        model = torch.compile(model)
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    log = open_run(cfg, master, step if ck else None)
-    log.print(f"torch {torch.__version__} | device {device} | dtype {cfg['dtype']} | processes {world} | "
-              f"{raw.num_params():,} parameters | MBE on layers {cfg['layers']} of {cfg['n_layer']}")
-    log.print(f"batch: {total:,} tokens/step = {B} seqs x {T} tokens x {world} processes x {accum} accumulation steps")
-    if step == 0 and cfg["eval_interval"] and master:
-        log.record(kind="eval", step=0, **run_eval(raw, evals, cfg, device, ctx))
-    # The host reads a step's CE, M and gradient norm `lag` steps after launching it. On cuda (lag 1)
-    # the GPU then never waits for the host: the phase of step t+1 is decided from step t-1's CE and M,
-    # read from a non-blocking copy. Elsewhere (lag 0) it is decided from step t's, as in Algorithm 1.
-    lag = int(device.type == "cuda") if cfg["read_lag"] == "auto" else int(cfg["read_lag"])
-    pending = deque(ck.get("pending", []) if ck else [])   # launched, not yet seen by the controller
-    bad, t_start, start, switches = 0, time.time(), step, 0
-    while step < cfg["max_iters"]:
-        t0 = time.time()
-        lr = get_lr(step, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        stats = torch.zeros(3, device=device)       # ce, M, phase: averaged over micro-batches and ranks
-        for micro in range(accum):
-            x, y = (to_device(t, device) for t in loader.batch(B))
-            if ddp:   # sync gradients on the last micro-step only; must be set before the forward pass
-                model.require_backward_grad_sync = micro == accum - 1
-            ce, M = micro_step(model, x, y, phase, cfg, ctx, scaler, accum)
-            stats += torch.stack([ce, M, torch.full((), float(phase), device=device)]) / accum   # full: no host copy
-        stats = update(raw, optimizer, scaler, cfg, all_mean(stats, ddp, world))   # skips non-finite steps
-        step += 1                                  # a skipped step counts, as under fp16's grad scaler
-        pending.append({"step": step, "phase": phase, "lr": lr, "ms": 1000 * (time.time() - t0),
-                        "stats": host_copy(stats)})
-        while len(pending) > lag:
-            rec = settle(pending.popleft(), log, cfg, total)
-            ce, mbe, phase_mean, norm, ok = rec["stats"]
-            if abs(phase_mean - rec["phase"]) > 1e-6:   # every rank reads the same all-reduced CE and M
-                raise TrainingError(f"step {rec['step']}: processes disagree about the phase "
-                                    f"(mean {phase_mean}, this one {rec['phase']})")
-            if not ok:                             # the update was skipped; the controller never sees it
-                bad += 1
-                log.print(f"step {rec['step']}: non-finite ce={ce} mbe={mbe} grad_norm={norm}: update skipped "
-                          f"({bad}/{cfg['max_bad_steps']})")
-                if bad >= cfg["max_bad_steps"]:
-                    raise TrainingError(f"stopped after {bad} consecutive non-finite steps (try a lower "
-                                        f"--learning_rate); the last good checkpoint, if any, is "
-                                        f"{os.path.join(cfg['out_dir'], 'ckpt.pt')}")
-                continue
-            bad = 0
-            if cfg["phase_mode"] == "gapt":
-                new = controller.step(ce, mbe)
-                switches, phase = switches + (new != phase), new
-        if master and cfg["align_interval"] and step % cfg["align_interval"] == 0:
-            x, y = (t.to(device) for t in next(iter(evals.values()))[0])
-            cos, per_layer = grad_alignment(raw, x, y, cfg)
-            log.record(kind="align", step=step, cos=cos, cos_layers=per_layer)
-        if (cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or step == cfg["max_iters"]:
-            for rec in pending:                    # logged now, given to the controller on time
-                settle(rec, log, cfg, total)
-            if master:
-                metrics = run_eval(raw, evals, cfg, device, ctx)
-                log.record(kind="eval", step=step, **metrics)
-                log.print(f"eval {step:>5} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not isinstance(v, list)))
-            save(cfg, raw, optimizer, controller, scaler, loader, step, ddp, world, master, list(pending))
-    if ddp:   # every rank leaves the process group together, before rank 0 writes the summary
-        import torch.distributed as dist
-        dist.barrier()
-        dist.destroy_process_group()
-    if master:
-        summary(cfg, time.time() - t_start, start, switches)
-        if cfg["task"] == "text":
-            print_samples(raw, evals["val"][0][0], cfg, device)
-
-
-def settle(rec, log, cfg, total):
-    """Read a launched step's values on the host (once) and log them: a train or a skip record."""
-    if not rec.get("logged"):
-        rec["stats"], rec["logged"] = host_values(rec["stats"]), True
-        (ce, mbe, _, norm, ok), step, ms = rec["stats"], rec["step"], rec["ms"]
-        if not ok:
-            log.record(kind="skip", step=step, ce=ce, mbe=mbe, grad_norm=norm)
-            return rec
-        log.record(kind="train", step=step, phase=rec["phase"], ce=ce, mbe=mbe, lr=rec["lr"], ms=ms,
-                   tok_s=1000 * total / ms)
-        if step % cfg["log_interval"] == 0 or step == 1 or step == cfg["max_iters"]:
-            log.print(f"step {step:>5}/{cfg['max_iters']} | {'memorise' if rec['phase'] == MEMORIZE else 'compress'} | "
-                      f"ce {ce:.4f} | mbe {mbe:.4f} | lr {rec['lr']:.2e} | {ms:.1f} ms | {1000 * total / ms:,.0f} tok/s")
-    return rec
-
-
-def save(cfg, raw, optimizer, controller, scaler, loader, step, ddp, world, master, pending):
-    """Checkpoint everything needed to continue as if never stopped, including
-    every rank's data generator and RNG state (gathered to rank 0)."""
-    mine = {"data": loader.state_dict(), "rng": rng_state()}
-    ranks = [mine]
-    if ddp:
-        import torch.distributed as dist
-        ranks = [None] * world
-        dist.all_gather_object(ranks, mine)
-    if master and not all(torch.isfinite(p).all() for p in raw.parameters()):
-        print(f"step {step}: non-finite weights, checkpoint not written")
-    elif master:
-        save_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), {
-            "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "gapt": controller.state_dict(),
-            "scaler": scaler.state_dict(), "step": step, "config": cfg, "ranks": ranks, "pending": pending})
-
-
-def read_records(path):
-    """The records in a log.jsonl; a damaged line (a torn write, stray bytes) is skipped, with a
-    warning."""
-    recs, bad = [], []
-    with open(path, "rb") as f:
-        for i, line in enumerate(f, 1):
+    def record(self, **rec):
+        if self.master:
             try:
-                rec = json.loads(line)
-                ok = isinstance(rec, dict) and line.endswith(b"\n")
-            except ValueError:   # JSONDecodeError and UnicodeDecodeError both are
-                ok = False
-            recs.append(rec) if ok else bad.append(i)
-    if bad:
-        lines = ", ".join(map(str, bad[:5]))
-        print(f"warning: {path}: skipped {len(bad)} damaged line(s): {lines}")
-    return recs
+                self.f.write(json.dumps(rec) + "\n")
+                self.f.flush()
+            except OSError as e:   # a full disk: one line, and the last checkpoint is whole
+                raise TrainingError(f"cannot write {self.path} ({e.strerror or e})") from None
+
+    def print(self, *a):
+        if self.master:
+            print(*a, flush=True)
 
 
-def read_log(run_dir, kind):
-    """The records of one kind ("train", "eval", "align", "skip") in run_dir/log.jsonl."""
-    return [r for r in read_records(os.path.join(run_dir, "log.jsonl")) if r.get("kind") == kind]
+# -----------------------------------------------------------------------------
+# The end of a run: a summary, curves.png, and for text a few greedy samples.
 
 
 def phase_spans(steps, phases):
@@ -1438,41 +1414,35 @@ def renyi_entropy(Z, alpha):
 
 
 def bench(cfg):
-    """Median step times of a plain PyTorch loop and of GAPT's two phases, the MBE's share, and the closed form."""
+    """Median step times of a plain loop and of GAPT's two phases, the MBE's share, the closed form."""
     if "RANK" in os.environ or cfg["task"] == "forgetting":
         raise ConfigError("--bench times the GPT in one process: python gapt.py --bench [--task=text --model=...]")
     device, ctx, scaler, _ = setup_device(cfg)
     cfg = resolve(cfg)
     B, T, P, D = cfg["batch_size"], cfg["block_size"], cfg["patch_size"], cfg["n_embd"]
-    raw, optimizer, _ = build(cfg, device, None)
-    compiled = cfg["compile"] == "on" or (cfg["compile"] == "auto" and device.type == "cuda")
+    raw, optimizer = build(cfg, device)
     model, gpt = IBLM(raw, cfg["layers"], P), raw               # the GAPT steps' model, the plain step's
-    model, gpt = (torch.compile(model), torch.compile(gpt)) if compiled else (model, gpt)
+    compiled = cfg["compile"] == "on" or (cfg["compile"] == "auto" and device.type == "cuda")
+    if compiled:
+        model, gpt = torch.compile(model), torch.compile(gpt)
     x, y = (torch.randint(cfg["vocab_size"], (B, T), device=device) for _ in range(2))
-    clip = cfg["grad_clip"] or math.inf
+    lag = int(device.type == "cuda") if cfg["read_lag"] == "auto" else int(cfg["read_lag"])
+    pending = deque()
 
-    lag, pending = int(device.type == "cuda") if cfg["read_lag"] == "auto" else int(cfg["read_lag"]), deque()
-
-    def gapt_step(phase):   # as in train(): micro_step, update, and the host reads CE and M lag steps later
-        ce, M = micro_step(model, x, y, phase, cfg, ctx, scaler, 1)
-        stats = torch.stack([ce, M, torch.full((), float(phase), device=device)])
-        pending.append(host_copy(update(raw, optimizer, scaler, cfg, stats)))
-        while len(pending) > lag:
-            host_values(pending.popleft())
-
-    def plain_step():       # the reference: a plain PyTorch loop on the same model, CE only, nothing read
+    def train_step(phase):   # train()'s step on one micro-batch; phase 0: a plain loop, CE only, nothing read
         with ctx:
-            loss = gpt(x, y)[1]
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(raw.parameters(), clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+            ce, M = model(x, y, phase == COMPRESS) if phase else (gpt(x, y)[1], torch.zeros((), device=device))
+        scaler.scale(iblm_loss(ce, M, phase, cfg["mbe_weight"])).backward()
+        stats = torch.stack([ce.detach().float(), M.detach(), torch.full((), float(phase), device=device)])
+        stats = update(raw, optimizer, scaler, cfg, stats)
+        if phase:                                   # the host reads CE and M lag steps later
+            pending.append(host_copy(stats))
+            while len(pending) > lag:
+                host_values(pending.popleft())
 
     sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device.type, lambda: None)
 
-    def clock(fn, reps=1):  # seconds per call; a GPU's queue is drained at both ends only
+    def clock(fn, reps=1):   # seconds per call; a GPU's queue is drained at both ends only
         sync()
         t0 = time.perf_counter()
         for _ in range(reps):
@@ -1481,18 +1451,17 @@ def bench(cfg):
         return (time.perf_counter() - t0) / reps
 
     median = lambda fn, n=20: float(np.median([clock(fn) for _ in range(n)]))   # noqa: E731
-    modes = {"plain PyTorch": plain_step, "gapt memorise": lambda: gapt_step(MEMORIZE),
-             "gapt compress": lambda: gapt_step(COMPRESS)}
+    modes = {"plain PyTorch": 0, "gapt memorise": MEMORIZE, "gapt compress": COMPRESS}
     names, k = list(modes), 1 if device.type == "cpu" else 5   # k steps per reading: the drains cost little
-    for fn in modes.values():
-        clock(fn, 3)                                   # warm-up (and compilation)
+    for phase in modes.values():
+        clock(lambda: train_step(phase), 3)                  # warm-up (and compilation)
     ts = {m: [] for m in modes}
-    for i in range(-(-cfg["bench_steps"] // k)):       # the modes take turns, in rotating order
+    for i in range(-(-cfg["bench_steps"] // k)):            # the modes take turns, in rotating order
         for m in names[i % 3:] + names[:i % 3]:
-            ts[m].append(clock(modes[m], k))
+            ts[m].append(clock(lambda: train_step(modes[m]), k))
     step = {m: float(np.median(t)) for m, t in ts.items()}
     ratio = lambda a, b: float(np.median(np.divide(ts[a], ts[b])))   # noqa: E731
-    with torch.no_grad(), ctx:                         # the MBE alone, on this model's representations
+    with torch.no_grad(), ctx:                              # the MBE alone, on this model's representations
         hs = [h.detach().requires_grad_() for h in raw(x)[2]]
     with torch.no_grad():
         watch = median(lambda: layer_mbe(hs, cfg["layers"], P))
@@ -1502,10 +1471,11 @@ def bench(cfg):
         closed, eig = median(lambda: matrix_entropy(Z)), median(lambda: renyi_entropy(Z, 1.0))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     peak = next((f for s, f in PEAK_FLOPS if s in name), None) if name else None
-    flops = 6 * (raw.num_params() - raw.transformer.wpe.weight.numel()) + 12 * cfg["n_layer"] * D * T   # nanoGPT's MFU
-    print(f"bench: GPT {cfg['n_layer']} layers x {D}, {raw.num_params():,} parameters, MBE on layers {cfg['layers']} | "
-          f"{B} x {T} random tokens a step | {device} {cfg['dtype']} | compile {'on' if compiled else 'off'} | "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads | median of {len(ts['plain PyTorch']) * k} steps")
+    flops = 6 * (raw.num_params() - raw.transformer.wpe.weight.numel()) + 12 * cfg["n_layer"] * D * T   # nanoGPT
+    print(f"bench: GPT {cfg['n_layer']} layers x {D}, {raw.num_params():,} parameters, MBE on layers "
+          f"{cfg['layers']} | {B} x {T} random tokens a step | {device} {cfg['dtype']} | compile "
+          f"{'on' if compiled else 'off'} | torch {torch.__version__}, {torch.get_num_threads()} threads | "
+          f"median of {len(ts['plain PyTorch']) * k} steps")
     print(f"{'mode':<16}{'ms/step':>10}{'tok/s':>12}{'vs plain':>10}{'MFU':>8}")
     for m in modes:
         mfu = f"{flops * B * T / step[m] / peak:.1%}" if peak else "-"
@@ -1513,8 +1483,8 @@ def bench(cfg):
     print(f"compress / memorise {ratio('gapt compress', 'gapt memorise'):.3f}x | host read lag {lag} step(s)")
     print(f"MBE share of a step: memorise {watch / step['gapt memorise']:.2%} (no grad) | "
           f"compress {learn / step['gapt compress']:.2%} (forward and backward)")
-    print(f"alpha=2 closed form vs eigenvalue path (alpha=1) on {tuple(Z.shape)} windows: {1e3 * closed:.3f} vs "
-          f"{1e3 * eig:.3f} ms, {eig / closed:.1f}x")
+    print(f"alpha=2 closed form vs eigenvalue path (alpha=1) on {tuple(Z.shape)} windows: "
+          f"{1e3 * closed:.3f} vs {1e3 * eig:.3f} ms, {eig / closed:.1f}x")
     print(f"GPU: {name}, MFU vs {peak / 1e12:.0f} TFLOP/s dense bf16" if peak else
           f"GPU: {name}, peak FLOP/s unknown, no MFU" if name else "GPU: none (MFU needs a CUDA device)")
 
