@@ -269,9 +269,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hs): heads become a batch dimension
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,   # flash attention where available
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,   # flash attention if there
                                            dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)             # re-assemble heads side by side
+        y = y.transpose(1, 2).contiguous().view(B, T, C)             # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -312,7 +312,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight   # weight tying, as GPT-2
         self.apply(self._init_weights)
-        for name, p in self.named_parameters():   # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
+        for name, p in self.named_parameters():   # GPT-2: residual projections / sqrt(2 * n_layer)
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
 
@@ -336,7 +336,8 @@ class GPT(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
         return logits, loss, hs
 
     def num_params(self):
@@ -360,16 +361,16 @@ def matrix_entropy(Z):
     with torch.autocast(Z.device.type, enabled=False):
         Z = Z.to(torch.promote_types(Z.dtype, torch.float32))
         G = Z @ Z.transpose(-1, -2)                                  # Gram matrices (..., N, N)
-    tiny = torch.finfo(G.dtype).tiny                                 # Z = 0: log tiny < 0, clamped to 0, gradient 0
+    tiny = torch.finfo(G.dtype).tiny                  # Z = 0: log tiny < 0, clamped to 0, no grad
     lt = torch.log(G.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(tiny))   # log tr G
-    S = lt + lt - torch.log(G.square().sum((-2, -1)).clamp_min(tiny))      # 2 log tr G - log ||G||_F^2
-    return S.clamp(0.0, math.log(G.shape[-1]))                       # clamp: rounding only (and Z = 0)
+    S = lt + lt - torch.log(G.square().sum((-2, -1)).clamp_min(tiny))      # - log ||G||_F^2
+    return S.clamp(0.0, math.log(G.shape[-1]))        # clamp: rounding only (and Z = 0)
 
 
 def layer_mbe(hs, layers, patch_size):
-    """MBE of the chosen layers: hs, the block outputs (B, T, D) -> (len(layers),) nats, each the mean
-    S_2 over non-overlapping windows of patch_size consecutive tokens (the author's setup). The
-    windows are views of the outputs (B*T/P, P, D): nothing larger than their Gram blocks is formed."""
+    """MBE of the chosen layers: hs, the block outputs (B, T, D) -> (len(layers),) nats, each the
+    mean S_2 over non-overlapping windows of patch_size consecutive tokens (the author's setup).
+    The windows are views (B*T/P, P, D): nothing larger than their Gram blocks is formed."""
     T, D = hs[0].shape[1:]
     if T % patch_size:
         raise ValueError(f"sequence length {T} is not divisible by patch_size {patch_size}")
@@ -412,13 +413,15 @@ class IBLM(nn.Module):
 # (1 + tau) times its best in the phase; repeat. Comparisons are strict.
 
 MEMORIZE, COMPRESS = 1, 2
+PHASES = {MEMORIZE: "memorise", COMPRESS: "compress"}
 
 
 class GAPT:
     def __init__(self, delta_ce=0.01, delta_mbe=0.002, tau=0.1, p_m=100, p_c=50):
-        self.delta_ce, self.delta_mbe, self.tau, self.p_m, self.p_c = delta_ce, delta_mbe, tau, p_m, p_c
+        self.delta_ce, self.delta_mbe, self.tau = delta_ce, delta_mbe, tau
+        self.p_m, self.p_c = p_m, p_c
         self.phase, self.s_m, self.s_c = MEMORIZE, 0, 0
-        self.E_min, self.M_min = math.inf, math.inf   # best CE and MBE seen (reset at each compression)
+        self.E_min, self.M_min = math.inf, math.inf   # best CE and MBE seen (reset to compress)
 
     def step(self, ce, mbe):
         """Feed one optimizer step's training CE and compression target M;
@@ -455,8 +458,8 @@ def controller(cfg):
 
 # -----------------------------------------------------------------------------
 # Tasks and evaluation. What differs between tasks sits in one table, TASKS: the data and
-# fixed eval sets (from data.py), the vocabulary, the default context, the metrics kept and
-# the panels of --compare's figure. A new task is a data class in data.py and an entry here.
+# fixed eval sets (data.py), the vocabulary, the default context, the metrics kept, the panels
+# of --compare's figure. A new task is a data class in data.py and an entry here.
 
 
 def arithmetic_data(cfg, rank, world):
@@ -471,7 +474,7 @@ def arithmetic_data(cfg, rank, world):
 def text_data(cfg, rank, world):
     """Random windows of the token shards, and a fixed budget of validation tokens."""
     d = data.TokenShards(cfg["data_dir"], cfg["block_size"], cfg["seed"], rank, world,
-                         vocab_size=50257)   # GPT-2's real tokens: the model's rows up to 50304 are padding
+                         vocab_size=50257)   # GPT-2's; the model's rows up to 50304 are padding
     try:
         return d, {"val": d.val_batches(cfg["val_tokens"], cfg["batch_size"])}
     except ValueError as e:
@@ -496,19 +499,19 @@ class Task:
 TASKS = {
     "arithmetic": Task(arithmetic_data, data.ARITH_VOCAB, arithmetic_context,
                        ("ce", "acc", "conf", "mbe", "mbe_layers"),
-                       (("ood_ce", "OOD answer CE (nats)"), ("ood_conf", "OOD confidence (top-token prob.)"),
+                       (("ood_ce", "OOD answer CE (nats)"), ("ood_conf", "OOD confidence (top p)"),
                         ("id_acc", "ID exact match"), ("ood_acc", "OOD exact match"))),
-    "text": Task(text_data, 50304,   # GPT-2's 50,257 tokens, padded to a multiple of 64: faster matmuls
+    "text": Task(text_data, 50304,   # GPT-2's 50,257 tokens padded to a multiple of 64: faster
                  lambda cfg: 1024 if cfg["model"] == "gpt2" else 256, ("ce", "mbe", "mbe_layers"),
-                 (("val_ce", "val CE (nats/token)"), ("val_mbe_layers", "val MBE per layer (nats)"))),
-    "forgetting": Task(panels=(("separation", "separation of A and B (held out)"),
+                 (("val_ce", "val CE (nats/token)"), ("val_mbe_layers", "val MBE per layer"))),
+    "forgetting": Task(panels=(("separation", "separation of A and B (held out)"),   # its own loop
                                ("loss_A_after_B", "L1 loss on A after B (interference)"),
-                               ("loss_B", "L1 loss on B"))),   # its own loop: see the toy's section
+                               ("loss_B", "L1 loss on B"))),
 }
 
 
 def make_data(cfg, rank, world):
-    """The task's training data and eval sets; data.py's errors (missing shards, a context too
+    """The task's training data and eval sets. data.py's errors (missing shards, a context too
     short or too long) are bad input."""
     try:
         return TASKS[cfg["task"]].make(cfg, rank, world)
@@ -518,10 +521,9 @@ def make_data(cfg, rank, world):
 
 @torch.no_grad()
 def evaluate(model, batches, cfg, device, ctx):
-    """CE on the target tokens only (for arithmetic: the answer, the paper's
-    "masked entropy"), exact match, confidence and the MBE of every layer.
-    Exact match needs no decoding loop: greedy decoding reproduces the answer
-    exactly when, given the true prefix, the argmax is the target at every
+    """CE on the target tokens only (arithmetic: the answer, the paper's "masked entropy"), exact
+    match, confidence and the MBE of every layer. Exact match needs no decoding loop: greedy
+    decoding reproduces the answer when, given the true prefix, the argmax is the target at every
     answer position (and so, inductively, greedy follows the true prefix)."""
     nll = tokens = exact = seqs = conf = 0.0
     mbe = torch.zeros(cfg["n_layer"])
@@ -529,83 +531,87 @@ def evaluate(model, batches, cfg, device, ctx):
         x, y = x.to(device), y.to(device)
         with ctx:
             logits, _, hs = model(x, y)
-        logp = logits.float().log_softmax(-1)                       # (B, T, V)
-        mask = y >= 0
-        nll += -(logp.gather(-1, y.clamp(min=0)[..., None])[..., 0] * mask).sum().item()
+        logp, mask = logits.float().log_softmax(-1), y >= 0                # (B, T, V), (B, T)
+        nll -= (logp.gather(-1, y.clamp(min=0)[..., None])[..., 0] * mask).sum().item()
         tokens += mask.sum().item()
         exact += ((logp.argmax(-1) == y) | ~mask).all(-1).sum().item()
-        conf += (logp.max(-1).values.exp() * mask).sum().item()     # probability of the model's own top token
+        conf += (logp.max(-1).values.exp() * mask).sum().item()     # the model's own top token's p
         mbe += layer_mbe(hs, range(len(hs)), cfg["patch_size"]).cpu() * len(x)
         seqs += len(x)
     mbe /= seqs
     return {"ce": nll / tokens, "acc": exact / seqs, "conf": conf / tokens,
-            "mbe": mbe[cfg["layers"]].mean().item(), "mbe_layers": [round(v, 5) for v in mbe.tolist()]}
+            "mbe": mbe[cfg["layers"]].mean().item(),
+            "mbe_layers": [round(v, 5) for v in mbe.tolist()]}
 
 
 def run_eval(model, evals, cfg, device, ctx):
+    """{set_metric: value} over the task's eval sets and metrics."""
     model.eval()
-    out = {}
-    for name, batches in evals.items():
-        for k, v in evaluate(model, batches, cfg, device, ctx).items():
-            if k in TASKS[cfg["task"]].metrics:
-                out[f"{name}_{k}"] = v
+    keep = TASKS[cfg["task"]].metrics
+    out = {f"{name}_{k}": v for name, batches in evals.items()
+           for k, v in evaluate(model, batches, cfg, device, ctx).items() if k in keep}
     model.train()
     return out
 
 
 def grad_alignment(model, x, y, cfg):
-    """The paper's cycle observation: cosine between grad(CE) and grad(M), over
-    all parameters and per block. Positive: lowering CE also compresses;
-    negative: memorising and compressing pull apart."""
-    params = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    """The paper's cycle observation: cosine between grad(CE) and grad(M), over all parameters and
+    per block. Positive: lowering CE also compresses; negative: memorising and compressing pull
+    apart."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     _, ce, hs = model(x, y)
     M = layer_mbe(hs, cfg["layers"], cfg["patch_size"]).mean()
     g_ce = torch.autograd.grad(ce, list(params.values()), retain_graph=True, allow_unused=True)
     g_m = torch.autograd.grad(M, list(params.values()), allow_unused=True)
 
-    def cos(names):
-        pairs = [(a, b) for n, a, b in zip(params, g_ce, g_m) if n in names and a is not None and b is not None]
-        a = torch.cat([p[0].flatten() for p in pairs]) if pairs else torch.zeros(1)
-        b = torch.cat([p[1].flatten() for p in pairs]) if pairs else torch.zeros(1)
+    def cos(prefix):   # over the parameters whose names start with prefix; 0 where M has none
+        pairs = [(a, b) for n, a, b in zip(params, g_ce, g_m)
+                 if n.startswith(prefix) and a is not None and b is not None]
+        a, b = (torch.cat([p[i].flatten() for p in pairs]) if pairs else torch.zeros(1)
+                for i in (0, 1))
         return F.cosine_similarity(a.float(), b.float(), dim=0, eps=1e-12).item()
-    per_layer = [cos({n for n in params if n.startswith(f"transformer.h.{i}.")}) for i in range(cfg["n_layer"])]
-    return cos(set(params)), per_layer
+    return cos(""), [cos(f"transformer.h.{i}.") for i in range(cfg["n_layer"])]
 
 # -----------------------------------------------------------------------------
-# Training loop: the device, the optimizer, the schedule, then train(), whose step reads
-# forward (CE and M) -> IBLM loss -> backward -> clipped update -> the controller's next phase.
+# Training loop: the device, the model and optimizer, the schedule, then train(), whose step
+# reads forward (CE and M) -> IBLM loss -> backward -> clipped update -> the next phase.
 
 
 def setup_device(cfg):
     """(device, autocast context, grad scaler, ddp info). One code path for cpu, mps and cuda."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ   # launched by torchrun
-    rank, local, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    dev = cfg["device"]
+    rank, local, world = (int(os.environ.get(k, d))
+                          for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    dev, mps = cfg["device"], torch.backends.mps.is_available()
     if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        dev = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     try:
         device = torch.device(dev)
     except RuntimeError:
-        raise ConfigError(f"--device={dev}: not a device (use auto, cpu, cuda, cuda:N or mps)") from None
-    if device.type not in ("cpu", "cuda", "mps"):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"--device={dev}: use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= n_gpus:
         raise ConfigError(f"--device={dev}: no such CUDA device on this machine")
-    if device.type == "mps" and not torch.backends.mps.is_available():
+    if device.type == "mps" and not mps:
         raise ConfigError("--device=mps: MPS is not available on this machine")
     if ddp:
-        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                             timeout=datetime.timedelta(seconds=cfg["dist_timeout"]))
-    if device.type == "cuda":   # set_device needs an index: torchrun's local rank, else N of cuda:N, else 0
+        timeout = datetime.timedelta(seconds=cfg["dist_timeout"])
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, timeout=timeout)
+    if device.type == "cuda":   # set_device needs an index: the local rank, or N of cuda:N, or 0
         device = torch.device("cuda", local if ddp else device.index or 0)
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if cfg["dtype"] == "auto":
-        cfg["dtype"] = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        cfg["dtype"] = "bfloat16" if bf16 else "float32"
     if cfg["dtype"] == "float16" and device.type != "cuda":
         raise ConfigError("--dtype=float16 needs a CUDA device (use bfloat16 or float32)")
-    ctx = nullcontext() if cfg["dtype"] == "float32" else torch.autocast(device.type, getattr(torch, cfg["dtype"]))
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg["dtype"] == "float16")
+    dtype = getattr(torch, cfg["dtype"])
+    ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     return device, ctx, scaler, (ddp, rank, world)
 
 
@@ -636,9 +642,9 @@ def get_lr(step, cfg):
 
 def update(raw, optimizer, scaler, cfg, stats):
     """Clip the gradient and step, unless CE, M (stats[:2]) or the gradient norm is not finite: then
-    the update is skipped (under fp16 the grad scaler also skips overflows). A fused optimizer (AdamW
-    on cuda) skips on the device from a found_inf flag, as under fp16's grad scaler, so the host does
-    not wait for the GPU here; others read the flag on the host. Returns (*stats, norm, ok)."""
+    the update is skipped (under fp16 the grad scaler skips overflows too). A fused optimizer
+    (AdamW on cuda) skips on the device from a found_inf flag, as under fp16's grad scaler, so the
+    host does not wait for the GPU here; others read the flag on the host. -> (*stats, norm, ok)"""
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"] or math.inf)
     ok = torch.isfinite(stats[:2]).all() & (torch.isfinite(norm) | scaler.is_enabled())
@@ -648,7 +654,7 @@ def update(raw, optimizer, scaler, cfg, stats):
         del optimizer.grad_scale, optimizer.found_inf
     elif ok:
         scaler.step(optimizer)
-    scaler.update()              # also after a skip: it closes the unscale_ above (a no-op without fp16)
+    scaler.update()         # also after a skip: it closes the unscale_ above (no-op without fp16)
     optimizer.zero_grad(set_to_none=True)
     return torch.cat([stats, norm.float()[None], ok.float()[None]])
 
@@ -674,91 +680,98 @@ def host_values(copy):
 def train(cfg):
     device, ctx, scaler, (ddp, rank, world) = setup_device(cfg)
     master = rank == 0
-    ck = load_checkpoint(cfg, master) if cfg["init_from"] == "resume" else None   # adopts its model and data
+    ck = load_checkpoint(cfg, master) if cfg["init_from"] == "resume" else None   # sets model, data
     cfg = resolve(cfg)
     B, T, W = cfg["batch_size"], cfg["block_size"], cfg["mbe_weight"]
-    total = cfg["total_batch_size"] or B * T * world   # tokens per optimizer step, over all processes
-    if total % (B * T * world):
-        raise ConfigError(f"--total_batch_size={total} is not a multiple of batch_size * block_size * "
-                          f"processes = {B * T * world}")
-    accum = total // (B * T * world)
-    loader, evals = make_data(cfg, rank, world)    # before anything is written: a bad size is bad input
-    raw, optimizer = build(cfg, device)   # raw: the GPT, uncompiled and unwrapped, what checkpoints hold
+    micro_tokens = B * T * world
+    total = cfg["total_batch_size"] or micro_tokens      # tokens per optimizer step, all processes
+    if total % micro_tokens:
+        raise ConfigError(f"--total_batch_size={total} is not a multiple of batch_size * block_size"
+                          f" * processes = {micro_tokens}")
+    accum = total // micro_tokens
+    loader, evals = make_data(cfg, rank, world)   # before anything is written: bad input
+    raw, optimizer = build(cfg, device)   # raw: uncompiled and unwrapped, what checkpoints hold
     ctrl, phase = controller(cfg)
-    step, pending = 0, deque()   # pending: steps launched, not yet seen by the controller (below)
+    step, pending = 0, deque()            # pending: steps launched, not yet seen by the controller
     if ck:
         raw.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         ctrl.load_state_dict(ck["gapt"])
         scaler.load_state_dict(ck["scaler"])
-        step, pending, phase = ck["step"], deque(ck.get("pending", [])), ctrl.phase if cfg["phase_mode"] == "gapt" else phase
+        step, pending = ck["step"], deque(ck.get("pending", []))
+        phase = ctrl.phase if cfg["phase_mode"] == "gapt" else phase
         restore_rank(ck, loader, rank, world)
     model = IBLM(raw, cfg["layers"], cfg["patch_size"])   # CE and M from one forward pass
     if cfg["compile"] == "on" or (cfg["compile"] == "auto" and device.type == "cuda"):
-        model = torch.compile(model)                      # one graph of the GPT and its MBE, per phase
+        model = torch.compile(model)                      # one graph of the GPT and its MBE
     if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     log = open_run(cfg, master, step if ck else None)
-    log.print(f"torch {torch.__version__} | device {device} | dtype {cfg['dtype']} | processes {world} | "
-              f"{raw.num_params():,} parameters | MBE on layers {cfg['layers']} of {cfg['n_layer']}")
-    log.print(f"batch: {total:,} tokens/step = {B} seqs x {T} tokens x {world} processes x {accum} accumulation steps")
+    log.print(f"torch {torch.__version__} | device {device} | dtype {cfg['dtype']} | processes "
+              f"{world} | {raw.num_params():,} parameters | MBE on layers {cfg['layers']}")
+    log.print(f"batch: {total:,} tokens/step = {B} seqs x {T} tokens x {world} processes x "
+              f"{accum} accumulation steps")
     if step == 0 and cfg["eval_interval"] and master:
         log.record(kind="eval", step=0, **run_eval(raw, evals, cfg, device, ctx))
-    # The host reads a step's CE, M and gradient norm `lag` steps after launching it. On cuda (lag 1)
-    # the GPU then never waits for the host: the phase of step t+1 is decided from step t-1's CE and
-    # M, read from a non-blocking copy. Elsewhere (lag 0) from step t's, as in Algorithm 1.
+    # The host reads a step's CE, M and gradient norm `lag` steps after launching it. On cuda
+    # (lag 1) the GPU then never waits for the host: the phase of step t+1 is decided from step
+    # t-1's CE and M, read from a non-blocking copy. Elsewhere (lag 0) from step t's (Algorithm 1).
     lag = int(device.type == "cuda") if cfg["read_lag"] == "auto" else int(cfg["read_lag"])
     bad, t_start, start, switches = 0, time.time(), step, 0
     while step < cfg["max_iters"]:
         t0, lr = time.time(), get_lr(step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        stats = torch.zeros(3, device=device)      # CE, M, phase: means over micro-batches and ranks
+        stats = torch.zeros(3, device=device)    # CE, M, phase: means over micro-batches and ranks
         for micro in range(accum):
-            x, y = (t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-                    for t in loader.batch(B))
-            if ddp:   # sync gradients on the last micro-step only; must be set before the forward pass
+            x, y = (t.pin_memory().to(device, non_blocking=True) if device.type == "cuda"
+                    else t.to(device) for t in loader.batch(B))
+            if ddp:   # sync gradients on the last micro-step only; set before the forward pass
                 model.require_backward_grad_sync = micro == accum - 1
             with ctx:
-                ce, M = model(x, y, phase == COMPRESS)          # CE, and the MBE of the chosen layers
-            loss = iblm_loss(ce, M, phase, W)                   # + mbe_weight * M when compressing
-            scaler.scale(loss / accum).backward()               # a mean over micro-batches, not a sum
-            stats += torch.stack([ce.detach().float(), M.detach(), torch.full((), float(phase), device=device)]) / accum
-        stats = update(raw, optimizer, scaler, cfg, all_mean(stats, ddp, world))   # skips non-finite steps
-        step += 1                                  # a skipped step counts, as under fp16's grad scaler
+                ce, M = model(x, y, phase == COMPRESS)   # CE, and the MBE of the chosen layers
+            loss = iblm_loss(ce, M, phase, W)            # + mbe_weight * M when compressing
+            scaler.scale(loss / accum).backward()        # a mean over micro-batches, not a sum
+            p = torch.full((), float(phase), device=device)
+            stats += torch.stack([ce.detach().float(), M.detach(), p]) / accum
+        stats = update(raw, optimizer, scaler, cfg, all_mean(stats, ddp, world))   # or skip it
+        step += 1                                # a skipped step counts, as under fp16's scaler
         pending.append({"step": step, "phase": phase, "lr": lr, "ms": 1000 * (time.time() - t0),
                         "stats": host_copy(stats)})
-        while len(pending) > lag:                  # the controller sees step s once s + lag is launched
+        while len(pending) > lag:                # the controller sees step s after s + lag starts
             rec = settle(pending.popleft(), log, cfg, total)
             ce, mbe, phase_mean, norm, ok = rec["stats"]
-            if abs(phase_mean - rec["phase"]) > 1e-6:   # every rank reads the same all-reduced CE and M
+            if abs(phase_mean - rec["phase"]) > 1e-6:   # all ranks read the same all-reduced values
                 raise TrainingError(f"step {rec['step']}: processes disagree about the phase "
                                     f"(mean {phase_mean}, this one {rec['phase']})")
             bad = 0 if ok else bad + 1
-            if not ok:                             # the update was skipped; the controller never sees it
+            if not ok:                           # a skipped update: the controller never sees it
                 log.print(f"step {rec['step']}: non-finite ce={ce} mbe={mbe} grad_norm={norm}: "
                           f"update skipped ({bad}/{cfg['max_bad_steps']})")
                 if bad >= cfg["max_bad_steps"]:
-                    raise TrainingError(f"stopped after {bad} consecutive non-finite steps (try a lower "
-                                        f"--learning_rate); the last good checkpoint, if any, is "
-                                        f"{os.path.join(cfg['out_dir'], 'ckpt.pt')}")
+                    raise TrainingError(f"stopped after {bad} consecutive non-finite steps (try a "
+                                        f"lower --learning_rate); the last good checkpoint, if any,"
+                                        f" is {os.path.join(cfg['out_dir'], 'ckpt.pt')}")
             elif cfg["phase_mode"] == "gapt":
-                new = ctrl.step(ce, mbe)           # Algorithm 1 picks the phase of the next step
+                new = ctrl.step(ce, mbe)         # Algorithm 1: the phase of the next step
                 switches, phase = switches + (new != phase), new
         if master and cfg["align_interval"] and step % cfg["align_interval"] == 0:
-            cos, per_layer = grad_alignment(raw, *(t.to(device) for t in next(iter(evals.values()))[0]), cfg)
+            x, y = (t.to(device) for t in next(iter(evals.values()))[0])
+            cos, per_layer = grad_alignment(raw, x, y, cfg)
             log.record(kind="align", step=step, cos=cos, cos_layers=per_layer)
         if (cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or step == cfg["max_iters"]:
-            for rec in pending:                    # logged now, given to the controller on time
+            for rec in pending:                  # logged now, given to the controller on time
                 settle(rec, log, cfg, total)
             if master:
                 metrics = run_eval(raw, evals, cfg, device, ctx)
                 log.record(kind="eval", step=step, **metrics)
-                log.print(f"eval {step:>5} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                                          if not isinstance(v, list)))
+                log.print(f"eval {step:>5} | " + " | ".join(
+                    f"{k} {v:.4f}" for k, v in metrics.items() if not isinstance(v, list)))
             save(cfg, loader, ddp, world, master, {
-                "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "gapt": ctrl.state_dict(),
-                "scaler": scaler.state_dict(), "step": step, "config": cfg, "pending": list(pending)})
+                "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "gapt": ctrl.state_dict(), "scaler": scaler.state_dict(), "config": cfg,
+                "pending": list(pending)})
     if ddp:   # every rank leaves the process group together, before rank 0 writes the summary
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -784,11 +797,11 @@ def settle(rec, log, cfg, total):
         if not ok:
             log.record(kind="skip", step=step, ce=ce, mbe=mbe, grad_norm=norm)
         else:
-            log.record(kind="train", step=step, phase=rec["phase"], ce=ce, mbe=mbe, lr=rec["lr"], ms=ms,
-                       tok_s=1000 * total / ms)
-        if ok and (step % cfg["log_interval"] == 0 or step == 1 or step == cfg["max_iters"]):
-            log.print(f"step {step:>5}/{cfg['max_iters']} | {('', 'memorise', 'compress')[rec['phase']]} | "
-                      f"ce {ce:.4f} | mbe {mbe:.4f} | lr {rec['lr']:.2e} | {ms:.1f} ms | "
+            log.record(kind="train", step=step, phase=rec["phase"], ce=ce, mbe=mbe, lr=rec["lr"],
+                       ms=ms, tok_s=1000 * total / ms)
+        if ok and (step % cfg["log_interval"] == 0 or step in (1, cfg["max_iters"])):
+            log.print(f"step {step:>5}/{cfg['max_iters']} | {PHASES[rec['phase']]} | ce {ce:.4f} | "
+                      f"mbe {mbe:.4f} | lr {rec['lr']:.2e} | {ms:.1f} ms | "
                       f"{1000 * total / ms:,.0f} tok/s")
     return rec
 
@@ -796,14 +809,15 @@ def settle(rec, log, cfg, total):
 class TrainingError(RuntimeError):
     """A run that cannot go on (e.g. persistent NaNs): reported as one line, exit code 1."""
 
+
 # -----------------------------------------------------------------------------
 # The run folder: one run at a time, an earlier run kept whole, checkpoints that are atomic and
 # checksummed and hold every rank's data and RNG state, a log that survives a damaged line.
 
 
 def save(cfg, loader, ddp, world, master, state):
-    """Checkpoint state and every rank's data-generator and RNG states (gathered to rank 0): enough to
-    continue as if never stopped. Never from non-finite weights."""
+    """Checkpoint state and every rank's data-generator and RNG states (gathered to rank 0):
+    enough to continue as if never stopped. Never from non-finite weights."""
     mine = {"data": loader.state_dict(), "rng": rng_state()}
     ranks = [None] * world if ddp else [mine]
     if ddp:
@@ -885,15 +899,17 @@ def load_checkpoint(cfg, master):
 
 
 def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}   # this rank's GPU
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None   # this rank's GPU
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(), "cuda": cuda}
 
 
 def restore_rank(ck, loader, rank, world):
     """This rank's data stream and RNG states from checkpoint ck."""
     if len(ck["ranks"]) != world:   # another number of processes: each rank's stream starts afresh
         if rank == 0:
-            print(f"resume: checkpoint from {len(ck['ranks'])} processes, now {world}: data streams restart")
+            print(f"resume: checkpoint from {len(ck['ranks'])} processes, now {world}: "
+                  f"data streams restart")
         return
     s = ck["ranks"][rank]["rng"]
     loader.load_state_dict(ck["ranks"][rank]["data"])
@@ -941,7 +957,8 @@ def check_dir(path, flag):
     while not os.path.exists(head):
         head = os.path.dirname(head)
     if not (os.path.isdir(head) and os.access(head, os.W_OK)):
-        raise ConfigError(f"--{flag}={path}: cannot make this folder ({head} is not a writable folder)")
+        raise ConfigError(f"--{flag}={path}: cannot make this folder ({head} is not a writable "
+                          f"folder)")
 
 
 RUN_FILES = re.compile(r"ckpt\.pt|ckpt\.prev\.pt|log\.jsonl|config\.json|curves\.png|results\.json"
@@ -1053,13 +1070,15 @@ def phase_spans(steps, phases):
 
 
 def summary(cfg, seconds, start, switches):
-    """The session's steps, time and phase switches; compression share and final eval of the whole run."""
+    """This session's steps, time and phase switches; the whole run's compression share, final
+    eval and curves.png."""
     train_recs, eval_recs = read_log(cfg["out_dir"], "train"), read_log(cfg["out_dir"], "eval")
     compress = sum(r["phase"] == COMPRESS for r in train_recs)
     print("-" * 72)
     since = f" from step {start}" if start else ""
-    print(f"done: {max(0, cfg['max_iters'] - start)} steps{since} in {seconds:.0f} s | phase switches {switches} | "
-          f"compression {100 * compress / max(1, len(train_recs)):.0f}% of steps")
+    print(f"done: {max(0, cfg['max_iters'] - start)} steps{since} in {seconds:.0f} s | phase "
+          f"switches {switches} | compression {100 * compress / max(1, len(train_recs)):.0f}% "
+          f"of steps")
     if eval_recs:
         print("final eval: " + " | ".join(f"{k} {v:.4f}" for k, v in eval_recs[-1].items()
                                           if isinstance(v, float)))
@@ -1071,23 +1090,26 @@ def summary(cfg, seconds, start, switches):
 
 
 def pyplot():
-    """matplotlib's pyplot on a file-only backend (no display needed), imported when first drawing."""
+    """matplotlib's pyplot on a file-only backend (no display needed), imported when first used."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
 
-def plot_run(train_recs, path, title):
-    plt = pyplot()
-    steps = [r["step"] for r in train_recs]
+def plot_run(train_recs, path, phase_mode):
+    """curves.png: training CE and M per step, the compression phases shaded."""
+    plt, steps = pyplot(), [r["step"] for r in train_recs]
+    spans = phase_spans(steps, [r["phase"] for r in train_recs])
     fig, axes = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
-    for ax, key, label in zip(axes, ("ce", "mbe"), ("train CE (nats/token)", "MBE of regularised layers (nats)")):
+    layers = "watched" if phase_mode == "memorize" else "compressed"
+    for ax, key, label in zip(axes, ("ce", "mbe"), ("train CE", f"MBE of the {layers} layers")):
         ax.plot(steps, [r[key] for r in train_recs], lw=0.8)
-        for a, b in phase_spans(steps, [r["phase"] for r in train_recs]):
+        for a, b in spans:
             ax.axvspan(a, b, color="tab:orange", alpha=0.2, lw=0)
         ax.set_ylabel(label)
-    axes[0].set_title(f"{title}: CE and MBE per step (shaded: compression phases)")
+    shaded = "shaded: compression phases" if spans else "no compression phase"
+    axes[0].set_title(f"{phase_mode}: CE and MBE (nats) per step ({shaded})")
     axes[1].set_xlabel("optimizer step")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -1133,26 +1155,26 @@ class Student(nn.Module):
 
 
 def separation(ha, hb):
-    """||mean(ha) - mean(hb)|| / sqrt((var_a + var_b) / 2), var = the mean squared distance
-    to the group's mean: how far apart two groups of vectors (n, D) lie, in units of their spread."""
+    """||mean(ha) - mean(hb)|| / sqrt((var_a + var_b) / 2), var the mean squared distance to the
+    group's mean: how far apart two groups of vectors (n, D) lie, in units of their spread."""
     d = (ha.mean(0) - hb.mean(0)).norm().item()
     s = math.sqrt(sum((h - h.mean(0)).square().sum(1).mean().item() for h in (ha, hb)) / 2)
     return d / s if s > 0 else (0.0 if d == 0 else math.inf)   # no spread: two points, apart or not
 
 
 def fit_task(model, x, y, cfg, log, task, start):
-    """max_iters full-batch Adam steps on L1 (+ mbe_weight * M when compressing); returns the last step.
+    """max_iters full-batch Adam steps on L1 (+ mbe_weight * M when compressing) -> the last step.
     The learning rate is constant: a schedule across both tasks would learn B slower than A.
     The controller starts afresh: carried over, its best loss would be A's, which B's early
     losses never improve on, so it would compress after p_m steps while B is still unlearnt."""
     ctrl, phase = controller(cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["learning_rate"])   # fresh: no task-A moments in B
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["learning_rate"])   # no task-A moments in B
     n_compress = 0
     for step in range(start + 1, start + cfg["max_iters"] + 1):
         pred, h = model(x)
         l1 = F.l1_loss(pred, y)
-        hs = [(h if phase == COMPRESS else h.detach())[None]]          # samples as a (1, n, D) sequence
-        M = layer_mbe(hs, [0], cfg["patch_size"])[0]                   # in memorisation only watched
+        hs = [(h if phase == COMPRESS else h.detach())[None]]   # samples as one (1, n, D) sequence
+        M = layer_mbe(hs, [0], cfg["patch_size"])[0]            # in memorisation only watched
         opt.zero_grad(set_to_none=True)
         iblm_loss(l1, M, phase, cfg["mbe_weight"]).backward()
         opt.step()
@@ -1161,9 +1183,10 @@ def fit_task(model, x, y, cfg, log, task, start):
             phase = ctrl.step(l1.item(), M.item())
         log.record(kind="train", step=step, task=task, phase=used, loss=l1.item(), mbe=M.item())
         if step % cfg["log_interval"] == 0:
-            log.print(f"task {task} step {step:>5} | {'memorise' if used == MEMORIZE else 'compress'} | "
+            log.print(f"task {task} step {step:>5} | {PHASES[used]} | "
                       f"l1 {l1.item():.4f} | mbe {M.item():.4f}")
-    log.print(f"task {task}: compression {100 * n_compress / cfg['max_iters']:.0f}% of {cfg['max_iters']} steps")
+    log.print(f"task {task}: compression {100 * n_compress / cfg['max_iters']:.0f}% of "
+              f"{cfg['max_iters']} steps")
     return step
 
 
@@ -1171,31 +1194,36 @@ def fit_task(model, x, y, cfg, log, task, start):
 def forgetting_eval(model, d, patch_size):
     """Held-out L1 on A and B, the separation of the two tasks' hidden layers, and their MBE."""
     (pa, ha), (pb, hb) = model(d["xa_test"]), model(d["xb_test"])
-    return {"loss_A": F.l1_loss(pa, d["ya_test"]).item(), "loss_B": F.l1_loss(pb, d["yb_test"]).item(),
-            "separation": separation(ha, hb), "mbe_A": layer_mbe([ha[None]], [0], patch_size).item(),
-            "mbe_B": layer_mbe([hb[None]], [0], patch_size).item()}
+    mbe = lambda h: layer_mbe([h[None]], [0], patch_size).item()   # noqa: E731
+    return {"loss_A": F.l1_loss(pa, d["ya_test"]).item(),
+            "loss_B": F.l1_loss(pb, d["yb_test"]).item(), "separation": separation(ha, hb),
+            "mbe_A": mbe(ha), "mbe_B": mbe(hb)}
 
 
 def train_forgetting(cfg):
     if cfg["init_from"] == "resume":
-        raise ConfigError("--task=forgetting takes seconds and keeps no checkpoint: run it again, without --init_from")
+        raise ConfigError("--task=forgetting takes seconds and keeps no checkpoint: run it again, "
+                          "without --init_from")
     if cfg["device"] not in ("auto", "cpu"):
-        raise ConfigError(f"--device={cfg['device']}: --task=forgetting is a 10 -> 50 -> 1 MLP and runs on the CPU")
-    n_in, n_hidden = 10, 50                                            # the paper's teacher, and so the student
+        raise ConfigError(f"--device={cfg['device']}: --task=forgetting is a 10 -> 50 -> 1 MLP and "
+                          f"runs on the CPU")
+    n_in, n_hidden = 10, 50                          # the paper's teacher, and so the student
     d = data.forgetting_data(cfg["seed"], n_in, n_hidden, cfg["forget_m"])
     if len(d["xa"]) % cfg["patch_size"] or len(d["xa_test"]) % cfg["patch_size"]:
-        raise ConfigError(f"--patch_size={cfg['patch_size']} must divide the toy's {len(d['xa'])} samples per task")
-    torch.set_num_threads(1)   # matmuls this small only wait on each other in threads (20x slower on 2 busy cores)
+        raise ConfigError(f"--patch_size={cfg['patch_size']} must divide the toy's {len(d['xa'])} "
+                          f"samples per task")
+    torch.set_num_threads(1)   # matmuls this small only wait on each other in threads (20x slower)
     torch.manual_seed(cfg["seed"])
     model = Student(n_in, n_hidden)
     log = open_run(cfg, True)
-    log.print(f"forgetting toy: {n_in} -> {n_hidden} -> 1 student, {len(d['xa'])} samples per task, "
-              f"{cfg['max_iters']} steps on A then on B, MBE over windows of {cfg['patch_size']} samples")
+    log.print(f"forgetting toy: {n_in} -> {n_hidden} -> 1 student, {len(d['xa'])} samples per task,"
+              f" {cfg['max_iters']} steps on A then on B, MBE over windows of {cfg['patch_size']}")
     step = fit_task(model, d["xa"], d["ya"], cfg, log, "A", 0)
     after_a = forgetting_eval(model, d, cfg["patch_size"])
     fit_task(model, d["xb"], d["yb"], cfg, log, "B", step)
     after_b = forgetting_eval(model, d, cfg["patch_size"])
-    metrics = {"loss_A_after_A": after_a["loss_A"], "loss_A_after_B": after_b.pop("loss_A"), **after_b}
+    metrics = {"loss_A_after_A": after_a["loss_A"], "loss_A_after_B": after_b.pop("loss_A"),
+               **after_b}
     log.record(kind="eval", step=2 * cfg["max_iters"], **metrics)
     log.print("eval (held out; loss_A_after_B is the interference) | "
               + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -1207,44 +1235,47 @@ def train_forgetting(cfg):
 
 
 def compare(cfg):
-    arms = cfg["compare"].split(",")
-    if any(a not in CHOICES["phase_mode"] for a in arms):
-        raise ConfigError(f"--compare={cfg['compare']}: a comma list of {' | '.join(CHOICES['phase_mode'])}")
+    """Every arm (a phase mode) x --seeds runs into out_dir/<arm>_seed<s>, then the table, the
+    paired differences and the figures. Seeds outer: a stopped comparison has every arm for the
+    seeds done, and --init_from=resume continues it."""
+    arms, modes = cfg["compare"].split(","), CHOICES["phase_mode"]
+    if any(a not in modes for a in arms):
+        raise ConfigError(f"--compare={cfg['compare']}: a comma list of {' | '.join(modes)}")
     if "RANK" in os.environ:
-        raise ConfigError("--compare runs its arms one after another: launch it with python, not torchrun")
+        raise ConfigError("--compare runs its arms one after another: launch it with python")
     path = cfg["fig"] or os.path.join(cfg["out_dir"], cfg["task"] + ".png")
-    check_dir(cfg["out_dir"], "out_dir")
-    check_dir(os.path.dirname(path) or ".", "fig" if cfg["fig"] else "out_dir")   # before the runs, not after
-    runs = [(arm, s, os.path.join(cfg["out_dir"], f"{arm}_seed{s}"))   # seeds outer: a stopped comparison
-            for s in range(cfg["seeds"]) for arm in arms]              # has every arm for the seeds done
-    made, lock = not os.path.isdir(cfg["out_dir"]), lock_dir(cfg["out_dir"])   # held until we return
-    if cfg["init_from"] != "resume":   # a fresh comparison: no arm may later resume an earlier one's run
+    check_dir(cfg["out_dir"], "out_dir")                  # before the runs, not after
+    check_dir(os.path.dirname(path) or ".", "fig" if cfg["fig"] else "out_dir")
+    made, lock = not os.path.isdir(cfg["out_dir"]), lock_dir(cfg["out_dir"])   # held to the end
+    if cfg["init_from"] != "resume":      # a fresh comparison: no arm may resume an earlier one's
         keep_earlier_run(cfg["out_dir"])
     dirs = {arm: [] for arm in arms}
-    for arm, s, out in runs:
-        print(f"=== {arm}, seed {cfg['seed'] + s} -> {out}", flush=True)
-        resume = cfg["init_from"] == "resume" and os.path.exists(os.path.join(out, "ckpt.pt"))
-        try:
-            run(dict(cfg, phase_mode=arm, seed=cfg["seed"] + s, out_dir=out, compare="",
-                     init_from="resume" if resume else "scratch"))   # resume a stopped comparison
-        except ConfigError:   # bad input found by the first run: leave no out_dir made for nothing
-            if made and os.listdir(cfg["out_dir"]) == [".lock"]:
-                os.remove(lock.name)
-                os.rmdir(cfg["out_dir"])
-            raise
-        dirs[arm].append(out)
-    table = compare_table(dirs)
+    for s in range(cfg["seeds"]):
+        for arm in arms:
+            out = os.path.join(cfg["out_dir"], f"{arm}_seed{s}")
+            print(f"=== {arm}, seed {cfg['seed'] + s} -> {out}", flush=True)
+            resume = cfg["init_from"] == "resume" and os.path.exists(os.path.join(out, "ckpt.pt"))
+            try:
+                run(dict(cfg, phase_mode=arm, seed=cfg["seed"] + s, out_dir=out, compare="",
+                         init_from="resume" if resume else "scratch"))
+            except ConfigError:   # bad input found by the first run: no out_dir made for nothing
+                if made and os.listdir(cfg["out_dir"]) == [".lock"]:
+                    os.remove(lock.name)
+                    os.rmdir(cfg["out_dir"])
+                raise
+            dirs[arm].append(out)
     with open(os.path.join(cfg["out_dir"], "results.json"), "w") as f:
-        json.dump(table, f, indent=1)
+        json.dump(compare_table(dirs), f, indent=1)
     make_dir(os.path.dirname(path) or ".", "fig")
     plot_compare(dirs, cfg, path)
     print(f"figure: {path}\nresults: {os.path.join(cfg['out_dir'], 'results.json')}")
-    if any(read_log(out, "align") for outs in dirs.values() for out in outs):
+    aligns = {(arm, s): [r["cos"] for r in read_log(out, "align")]
+              for arm, outs in dirs.items() for s, out in enumerate(outs)}
+    if any(aligns.values()):
         plot_cycle(dirs, os.path.join(os.path.dirname(path), "cycle.png"))
         print(f"figure: {os.path.join(os.path.dirname(path), 'cycle.png')}")
-        for arm, outs in dirs.items():
-            for s, out in enumerate(outs):
-                print(f"cycle, {arm} seed {cfg['seed'] + s}: " + cycle_stats([r["cos"] for r in read_log(out, "align")]))
+        for (arm, s), cos in aligns.items():
+            print(f"cycle, {arm} seed {cfg['seed'] + s}: {cycle_stats(cos)}")
 
 
 def sd(v):
@@ -1317,14 +1348,15 @@ def mean_curve(outs, kind, key):
 
 
 def cycle_stats(cos):
-    """How the gradient alignment behaves over a run: a slow cycle shows as few sign changes and a
-    lag-1 autocorrelation near 1; step-to-step noise as many changes and an autocorrelation near 0."""
+    """How the gradient alignment behaves over a run: a slow cycle shows as few sign changes and
+    a lag-1 autocorrelation near 1; step-to-step noise as many changes and one near 0."""
     c = np.asarray(cos, dtype=float)
     if len(c) < 3:
         return f"{len(c)} measurements, too few (lower --align_interval)"
     changes = int(((c[1:] > 0) != (c[:-1] > 0)).sum())
     lag1 = np.corrcoef(c[:-1], c[1:])[0, 1]
-    return f"cos > 0 in {(c > 0).mean():.0%} of {len(c)} measurements, {changes} sign changes, lag-1 autocorrelation {lag1:.2f}"
+    return (f"cos > 0 in {(c > 0).mean():.0%} of {len(c)} measurements, {changes} sign changes, "
+            f"lag-1 autocorrelation {lag1:.2f}")
 
 
 def plot_cycle(dirs, path):
@@ -1391,21 +1423,23 @@ def plot_compare(dirs, cfg, path):
 # vocabulary and context (no data loading, one micro-batch a step), so machine
 # noise hits them alike; ratios are medians of the ratios within each turn.
 
-# peak dense bf16 tensor FLOP/s (datasheets, no sparsity) by a substring of the GPU's name; first match wins
-PEAK_FLOPS = (("GB200", 2500e12), ("B200", 2250e12), ("H200 NVL", 836e12), ("H200", 989e12), ("H100 NVL", 835e12),
-              ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12),
-              ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12))
+# peak dense bf16 tensor FLOP/s (datasheets, no sparsity) by a substring of the GPU's name; first
+# match wins
+PEAK_FLOPS = (("GB200", 2500e12), ("B200", 2250e12), ("H200 NVL", 836e12), ("H200", 989e12),
+              ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12),
+              ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("RTX 4090", 165e12),
+              ("RTX 3090", 71e12))
 
 
 def renyi_entropy(Z, alpha):
-    """The MBE's definition for any order alpha > 0: the eigenvalues of G / tr G, G = Z Z^T of windows
-    Z (..., N, D) -> (...,) nats. What --bench times the closed form against; for analysis, not training."""
+    """The MBE's definition for any order alpha > 0, from the eigenvalues of G / tr G, G = Z Z^T of
+    windows Z (..., N, D) -> (...,) nats. --bench times the closed form against it; for analysis."""
     G = Z.float() @ Z.float().transpose(-1, -2)
     tr, N = G.diagonal(dim1=-2, dim2=-1).sum(-1), G.shape[-1]
-    ok = G.square().sum((-2, -1)) != 0                                # Z = 0 (or underflow): 0; NaN stays NaN
-    eye = torch.eye(N, dtype=G.dtype, device=G.device)                # Z = 0 is swapped for I: no NaN gradients
+    ok = G.square().sum((-2, -1)) != 0                 # Z = 0 (or underflow): 0; NaN stays NaN
+    eye = torch.eye(N, dtype=G.dtype, device=G.device) # Z = 0 is swapped for I: no NaN gradients
     A = torch.where(ok[..., None, None], G, eye) / torch.where(ok, tr, N)[..., None, None]
-    lam = torch.linalg.eigvalsh(A).clamp(min=0)                       # (..., N): a probability distribution
+    lam = torch.linalg.eigvalsh(A).clamp(min=0)        # (..., N): a probability distribution
     if alpha == 1:
         S = -(lam * torch.log(torch.where(lam > 0, lam, 1.0))).sum(-1)   # 0 log 0 = 0
     else:
@@ -1414,14 +1448,15 @@ def renyi_entropy(Z, alpha):
 
 
 def bench(cfg):
-    """Median step times of a plain loop and of GAPT's two phases, the MBE's share, the closed form."""
+    """Median step times of a plain loop and of GAPT's phases, the MBE's share, the closed form."""
     if "RANK" in os.environ or cfg["task"] == "forgetting":
-        raise ConfigError("--bench times the GPT in one process: python gapt.py --bench [--task=text --model=...]")
+        raise ConfigError("--bench times the GPT in one process: "
+                          "python gapt.py --bench [--task=text --model=...]")
     device, ctx, scaler, _ = setup_device(cfg)
     cfg = resolve(cfg)
     B, T, P, D = cfg["batch_size"], cfg["block_size"], cfg["patch_size"], cfg["n_embd"]
     raw, optimizer = build(cfg, device)
-    model, gpt = IBLM(raw, cfg["layers"], P), raw               # the GAPT steps' model, the plain step's
+    model, gpt = IBLM(raw, cfg["layers"], P), raw          # the GAPT steps' model, the plain step's
     compiled = cfg["compile"] == "on" or (cfg["compile"] == "auto" and device.type == "cuda")
     if compiled:
         model, gpt = torch.compile(model), torch.compile(gpt)
@@ -1429,18 +1464,20 @@ def bench(cfg):
     lag = int(device.type == "cuda") if cfg["read_lag"] == "auto" else int(cfg["read_lag"])
     pending = deque()
 
-    def train_step(phase):   # train()'s step on one micro-batch; phase 0: a plain loop, CE only, nothing read
+    def train_step(phase):   # train()'s step, one micro-batch; phase 0: a plain loop, CE only
+        zero = torch.zeros((), device=device)
         with ctx:
-            ce, M = model(x, y, phase == COMPRESS) if phase else (gpt(x, y)[1], torch.zeros((), device=device))
+            ce, M = model(x, y, phase == COMPRESS) if phase else (gpt(x, y)[1], zero)
         scaler.scale(iblm_loss(ce, M, phase, cfg["mbe_weight"])).backward()
-        stats = torch.stack([ce.detach().float(), M.detach(), torch.full((), float(phase), device=device)])
+        stats = torch.stack([ce.detach().float(), M.detach(), zero + phase])
         stats = update(raw, optimizer, scaler, cfg, stats)
         if phase:                                   # the host reads CE and M lag steps later
             pending.append(host_copy(stats))
             while len(pending) > lag:
                 host_values(pending.popleft())
 
-    sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device.type, lambda: None)
+    syncs = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}
+    sync = syncs.get(device.type, lambda: None)
 
     def clock(fn, reps=1):   # seconds per call; a GPU's queue is drained at both ends only
         sync()
@@ -1452,41 +1489,45 @@ def bench(cfg):
 
     median = lambda fn, n=20: float(np.median([clock(fn) for _ in range(n)]))   # noqa: E731
     modes = {"plain PyTorch": 0, "gapt memorise": MEMORIZE, "gapt compress": COMPRESS}
-    names, k = list(modes), 1 if device.type == "cpu" else 5   # k steps per reading: the drains cost little
+    names, k = list(modes), 1 if device.type == "cpu" else 5   # k steps a reading: drains are rare
     for phase in modes.values():
         clock(lambda: train_step(phase), 3)                  # warm-up (and compilation)
     ts = {m: [] for m in modes}
-    for i in range(-(-cfg["bench_steps"] // k)):            # the modes take turns, in rotating order
+    for i in range(-(-cfg["bench_steps"] // k)):       # the modes take turns, in rotating order
         for m in names[i % 3:] + names[:i % 3]:
             ts[m].append(clock(lambda: train_step(modes[m]), k))
     step = {m: float(np.median(t)) for m, t in ts.items()}
     ratio = lambda a, b: float(np.median(np.divide(ts[a], ts[b])))   # noqa: E731
-    with torch.no_grad(), ctx:                              # the MBE alone, on this model's representations
+    with torch.no_grad(), ctx:                         # the MBE alone, on this model's outputs
         hs = [h.detach().requires_grad_() for h in raw(x)[2]]
     with torch.no_grad():
         watch = median(lambda: layer_mbe(hs, cfg["layers"], P))
     learn = median(lambda: layer_mbe(hs, cfg["layers"], P).mean().backward())
-    Z = torch.stack([hs[i].detach().reshape(-1, P, D) for i in cfg["layers"]])   # windows (L, B*T/P, P, D)
+    Z = torch.stack([hs[i].detach().reshape(-1, P, D) for i in cfg["layers"]])   # (L, B*T/P, P, D)
     with torch.no_grad():
         closed, eig = median(lambda: matrix_entropy(Z)), median(lambda: renyi_entropy(Z, 1.0))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     peak = next((f for s, f in PEAK_FLOPS if s in name), None) if name else None
-    flops = 6 * (raw.num_params() - raw.transformer.wpe.weight.numel()) + 12 * cfg["n_layer"] * D * T   # nanoGPT
-    print(f"bench: GPT {cfg['n_layer']} layers x {D}, {raw.num_params():,} parameters, MBE on layers "
-          f"{cfg['layers']} | {B} x {T} random tokens a step | {device} {cfg['dtype']} | compile "
-          f"{'on' if compiled else 'off'} | torch {torch.__version__}, {torch.get_num_threads()} threads | "
-          f"median of {len(ts['plain PyTorch']) * k} steps")
+    n = raw.num_params() - raw.transformer.wpe.weight.numel()
+    flops = 6 * n + 12 * cfg["n_layer"] * D * T         # per token, as nanoGPT's MFU counts them
+    print(f"bench: GPT {cfg['n_layer']} layers x {D}, {raw.num_params():,} parameters, MBE on "
+          f"layers {cfg['layers']} | {B} x {T} random tokens a step | {device} {cfg['dtype']} | compile "
+          f"{'on' if compiled else 'off'} | torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads | median of {len(ts['plain PyTorch']) * k} steps")
     print(f"{'mode':<16}{'ms/step':>10}{'tok/s':>12}{'vs plain':>10}{'MFU':>8}")
     for m in modes:
         mfu = f"{flops * B * T / step[m] / peak:.1%}" if peak else "-"
-        print(f"{m:<16}{1000 * step[m]:>10.2f}{B * T / step[m]:>12,.0f}{ratio(m, 'plain PyTorch'):>9.3f}x{mfu:>8}")
-    print(f"compress / memorise {ratio('gapt compress', 'gapt memorise'):.3f}x | host read lag {lag} step(s)")
+        print(f"{m:<16}{1000 * step[m]:>10.2f}{B * T / step[m]:>12,.0f}"
+              f"{ratio(m, 'plain PyTorch'):>9.3f}x{mfu:>8}")
+    print(f"compress / memorise {ratio('gapt compress', 'gapt memorise'):.3f}x | "
+          f"host read lag {lag} step(s)")
     print(f"MBE share of a step: memorise {watch / step['gapt memorise']:.2%} (no grad) | "
           f"compress {learn / step['gapt compress']:.2%} (forward and backward)")
     print(f"alpha=2 closed form vs eigenvalue path (alpha=1) on {tuple(Z.shape)} windows: "
           f"{1e3 * closed:.3f} vs {1e3 * eig:.3f} ms, {eig / closed:.1f}x")
     print(f"GPU: {name}, MFU vs {peak / 1e12:.0f} TFLOP/s dense bf16" if peak else
-          f"GPU: {name}, peak FLOP/s unknown, no MFU" if name else "GPU: none (MFU needs a CUDA device)")
+          f"GPU: {name}, peak FLOP/s unknown, no MFU" if name else
+          "GPU: none (MFU needs a CUDA device)")
 
 
 def run(cfg):
