@@ -11,13 +11,14 @@ Cycles Improve Generalization", arXiv 2505.08727 (2025).
     torchrun --standalone --nproc_per_node=8 gapt.py --task=text --model=gpt2 \\
         --total_batch_size=524288 --batch_size=32     # 8 GPUs (nccl), or CPU processes (gloo)
     torchrun --nnodes=2 --node_rank=0 --rdzv_endpoint=HOST:29500 --nproc_per_node=8 gapt.py ...
-    python gapt.py --task=forgetting                 # the catastrophic-forgetting toy (an MLP, seconds)
-    python gapt.py --compare=memorize,gapt --seeds=3 # both arms x 3 seeds, a table and out/<task>.png
-    python gapt.py --bench                           # ms/step: memorise vs compress vs plain PyTorch, MBE share
+    python gapt.py --task=forgetting                 # the forgetting toy: an MLP, seconds
+    python gapt.py --compare=memorize,gapt --seeds=3 # both arms x 3 seeds: table, out/<task>.png
+    python gapt.py --bench                           # ms/step: memorise, compress, a plain loop
     python gapt.py --help                            # every flag, its default and meaning
 
-Read top to bottom: config -> model -> MBE -> IBLM -> GAPT -> data -> loop, then the
-forgetting toy, the experiments (--compare) and the benchmark (--bench).
+Read top to bottom: config -> model -> MBE -> IBLM -> GAPT -> tasks -> the training loop, then
+the run folder (checkpoints, logs), the forgetting toy, the experiments (--compare) and the
+benchmark (--bench).
 Importing this file has no side effects; everything runs under __main__.
 """
 import argparse
@@ -49,52 +50,68 @@ import data
 
 CONFIG = [
     "what to run",
-    ("task", "arithmetic", "arithmetic (built in, no download) | text (token shards from data.py) | forgetting (MLP toy)"),
-    ("phase_mode", "gapt", "gapt (switch phases) | memorize (CE only: the baseline) | compress (CE + MBE always)"),
+    ("task", "arithmetic", "arithmetic (built in, no download) | text (token shards from data.py) "
+                           "| forgetting (MLP toy)"),
+    ("phase_mode", "gapt", "gapt (switch phases) | memorize (CE only: the baseline) | compress (CE "
+                           "+ MBE always)"),
     ("out_dir", "out", "log.jsonl, config.json, ckpt.pt and curves.png go here"),
     ("init_from", "scratch", "scratch | resume (continue from out_dir/ckpt.pt)"),
     ("seed", 1337, "seeds the model init, the data stream and dropout"),
     ("device", "auto", "auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps"),
-    ("dtype", "auto", "auto (bfloat16 on cuda if supported, else float32) | float32 | bfloat16 | float16 (cuda)"),
+    ("dtype", "auto", "auto (bfloat16 on cuda if supported, else float32) | float32 | bfloat16 | "
+                      "float16 (cuda)"),
     ("compile", "auto", "torch.compile the model: auto (on for cuda) | on | off"),
-    ("read_lag", "auto", "steps before the host reads a step's CE and M for the controller: auto (1 on cuda, "
-                         "so the GPU never waits; else 0) | 0 | 1"),
+    ("read_lag", "auto", "steps before the host reads a step's CE and M for the controller: "
+                         "auto (1 on cuda, so the GPU never waits; else 0) | 0 | 1"),
     ("dist_timeout", 1800, "torchrun: seconds a process waits for the others, then stops"),
-    ("bench", False, "time memorise and compress steps against a plain PyTorch loop, print a table, train nothing"),
+    ("bench", False, "time memorise and compress steps against a plain PyTorch loop, print a "
+                     "table, train nothing"),
     ("bench_steps", 20, "--bench: timed steps per mode, after 3 warm-up steps"),
     "model",
-    ("model", "tiny", "size preset: tiny (4 layers, 4 heads, 128 wide) | small (6/6/384) | gpt2 (12/12/768, 124M)"),
+    ("model", "tiny", "size preset: tiny (4 layers, 4 heads, 128 wide) | small (6/6/384) | gpt2 "
+                      "(12/12/768, 124M)"),
     ("n_layer", 0, "transformer blocks (0 = from --model)"),
     ("n_head", 0, "attention heads (0 = from --model)"),
     ("n_embd", 0, "residual width (0 = from --model)"),
-    ("block_size", 0, "context length (0 = task default: arithmetic fits its longest problem, text 256 / gpt2 1024)"),
+    ("block_size", 0, "context length (0 = task default: arithmetic fits its longest problem, text "
+                      "256 / gpt2 1024)"),
     ("dropout", 0.0, "dropout probability"),
     ("bias", True, "biases in Linear and LayerNorm layers, as GPT-2"),
     "GAPT: MBE, the IBLM loss and the phase controller",
     ("mbe_weight", 1.0, "weight of the MBE term in the compression phase: L = CE + mbe_weight * M"),
     ("patch_size", 8, "MBE window: entropy of each run of patch_size consecutive tokens"),
-    ("mbe_layers", "inner", "layers whose MBE is compressed: inner (all but first and last; all if < 3 layers) | all | list like 1,2"),
-    ("p_m", 100, "memorisation patience: steps without a CE improvement > delta_ce before compressing"),
-    ("p_c", 50, "compression patience: steps without an MBE improvement > delta_mbe before memorising again"),
+    ("mbe_layers", "inner", "layers whose MBE is compressed: inner (all but first and last; all if "
+                            "< 3 layers) | all | list like 1,2"),
+    ("p_m", 100, "memorisation patience: steps without a CE improvement > delta_ce before "
+                 "compressing"),
+    ("p_c", 50, "compression patience: steps without an MBE improvement > delta_mbe before "
+                "memorising again"),
     ("delta_ce", 0.01, "CE improvement (nats) that resets the memorisation patience"),
     ("delta_mbe", 0.002, "MBE improvement (nats) that resets the compression patience"),
-    ("tau", 0.1, "CE spike tolerance: compression ends when CE > (1 + tau) * its best in the phase"),
+    ("tau", 0.1, "CE spike tolerance: compression ends when CE > (1 + tau) * its best in the "
+                 "phase"),
     "arithmetic task",
     ("digits_min", 1, "smallest operand digit count in training (paper: 1)"),
     ("digits_max", 2, "largest operand digit count in training (paper: 3)"),
-    ("ood_digits_min", 3, "smallest operand digit count of the out-of-distribution test (paper: 4)"),
+    ("ood_digits_min", 3, "smallest operand digit count of the out-of-distribution test (paper: "
+                          "4)"),
     ("ood_digits_max", 3, "largest operand digit count of the out-of-distribution test (paper: 6)"),
-    ("reverse_answer", True, "write the product least-significant digit first (learnable in minutes)"),
+    ("reverse_answer", True, "write the product least-significant digit first (learnable in "
+                             "minutes)"),
     ("n_eval", 512, "problems in each fixed test set (ID and OOD)"),
     "text task",
-    ("data_dir", "data/fineweb10B", "directory with *_train_*.bin and *_val_*.bin shards (data.py)"),
+    ("data_dir", "data/fineweb10B", "directory with *_train_*.bin and *_val_*.bin shards "
+                                    "(data.py)"),
     ("val_tokens", 65536, "fixed validation token budget: the same val tokens at every eval"),
-    ("tokenizer_file", "", "a GPT-2 .tiktoken ranks file, for machines that cannot download the BPE ($GAPT_TOKENIZER_FILE)"),
+    ("tokenizer_file", "", "a GPT-2 .tiktoken ranks file, for machines that cannot download the "
+                           "BPE ($GAPT_TOKENIZER_FILE)"),
     "forgetting toy",
-    ("forget_m", 0.8, "task A's teacher is theta0 + m * Delta, task B's theta0 - m * Delta (paper: 0.8)"),
+    ("forget_m", 0.8, "task A's teacher is theta0 + m * Delta, task B's theta0 - m * Delta (paper: "
+                      "0.8)"),
     "optimisation",
     ("batch_size", 64, "micro-batch size in sequences, per process"),
-    ("total_batch_size", 0, "tokens per optimizer step over all processes (0 = one micro-batch each)"),
+    ("total_batch_size", 0, "tokens per optimizer step over all processes (0 = one micro-batch "
+                            "each)"),
     ("max_iters", 2000, "optimizer steps"),
     ("learning_rate", 1e-3, "peak learning rate (AdamW)"),
     ("min_lr", 1e-4, "learning rate at the end of the cosine decay"),
@@ -104,19 +121,25 @@ CONFIG = [
     ("beta2", 0.99, "AdamW beta2"),
     ("grad_clip", 1.0, "clip the gradient norm to this (0 = off)"),
     "evaluation and logging",
-    ("eval_interval", 250, "steps between evaluations and checkpoints (0 = none but the last checkpoint)"),
+    ("eval_interval", 250, "steps between evaluations and checkpoints (0 = none but the last "
+                           "checkpoint)"),
     ("log_interval", 50, "steps between printed lines (every step goes to log.jsonl)"),
     ("align_interval", 0, "every K steps log the cosine between grad(CE) and grad(MBE) (0 = off)"),
-    ("max_bad_steps", 3, "stop after this many consecutive steps with a non-finite loss or gradient"),
+    ("max_bad_steps", 3, "stop after this many consecutive steps with a non-finite loss or "
+                         "gradient"),
     "experiments",
-    ("compare", "", "run these phase modes, e.g. memorize,gapt,compress, x --seeds into out_dir, then a figure"),
+    ("compare", "", "run these phase modes, e.g. memorize,gapt,compress, x --seeds into out_dir, "
+                    "then a figure"),
     ("seeds", 3, "seeds per arm for --compare (--seed, --seed+1, ...)"),
-    ("fig", "", "figure path for --compare (default out_dir/<task>.png; cycle.png beside it with --align_interval)"),
+    ("fig", "", "figure path for --compare (default out_dir/<task>.png; cycle.png beside it with "
+                "--align_interval)"),
 ]
 DEFAULTS = {c[0]: c[1] for c in CONFIG if isinstance(c, tuple)}   # a string heads a group of flags
-CHOICES = {"task": ("arithmetic", "text", "forgetting"), "phase_mode": ("gapt", "memorize", "compress"),
+CHOICES = {"task": ("arithmetic", "text", "forgetting"),
+           "phase_mode": ("gapt", "memorize", "compress"),
            "init_from": ("scratch", "resume"), "dtype": ("auto", "float32", "bfloat16", "float16"),
-           "compile": ("auto", "on", "off"), "read_lag": ("auto", "0", "1"), "model": ("tiny", "small", "gpt2")}
+           "compile": ("auto", "on", "off"), "read_lag": ("auto", "0", "1"),
+           "model": ("tiny", "small", "gpt2")}
 PRESETS = {"tiny": (4, 4, 128), "small": (6, 6, 384), "gpt2": (12, 12, 768)}
 
 
@@ -178,33 +201,29 @@ def parse_args(argv):
 
 def validate(cfg):
     """Reject values that would fail later (or silently do the wrong thing)."""
-    for key in ("p_m", "p_c", "batch_size", "max_iters", "patch_size", "n_eval", "log_interval",
-                "max_bad_steps", "val_tokens", "seeds", "bench_steps", "dist_timeout"):
-        if cfg[key] <= 0:
-            raise ConfigError(f"--{key}={cfg[key]}: must be positive")
-    for key in ("seed", "n_layer", "n_head", "n_embd", "block_size", "eval_interval", "align_interval",
-                "total_batch_size", "warmup_iters"):
-        if cfg[key] < 0:
-            raise ConfigError(f"--{key}={cfg[key]}: must be >= 0")
     for key, v in cfg.items():
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"--{key}={v}: must be a finite number")
-    for key in ("tau", "delta_ce", "delta_mbe", "mbe_weight", "weight_decay", "grad_clip", "min_lr"):
-        if cfg[key] < 0:
-            raise ConfigError(f"--{key}={cfg[key]}: must be >= 0")
-    for key in ("beta1", "beta2"):
-        if not 0 <= cfg[key] < 1:
-            raise ConfigError(f"--{key}={cfg[key]}: must be in [0, 1)")
+    positive = ("p_m", "p_c", "batch_size", "max_iters", "patch_size", "n_eval", "log_interval",
+                "max_bad_steps", "val_tokens", "seeds", "bench_steps", "dist_timeout")
+    not_negative = ("seed", "n_layer", "n_head", "n_embd", "block_size", "eval_interval",
+                    "align_interval", "total_batch_size", "warmup_iters", "tau", "delta_ce",
+                    "delta_mbe", "mbe_weight", "weight_decay", "grad_clip", "min_lr")
+    for keys, ok, what in ((positive, lambda v: v > 0, "positive"),
+                           (not_negative, lambda v: v >= 0, ">= 0"),
+                           (("beta1", "beta2", "dropout"), lambda v: 0 <= v < 1, "in [0, 1)")):
+        for key in keys:
+            if not ok(cfg[key]):
+                raise ConfigError(f"--{key}={cfg[key]}: must be {what}")
     if not cfg["out_dir"].strip():
         raise ConfigError("--out_dir is empty: name a folder for the run")
-    if not 0 < cfg["learning_rate"] <= 1e30 or cfg["min_lr"] > 1e30:   # Adam's step overflows at 1e38
+    if not 0 < cfg["learning_rate"] <= 1e30 or cfg["min_lr"] > 1e30:   # Adam overflows at 1e38
         raise ConfigError(f"--learning_rate={cfg['learning_rate']} (--min_lr={cfg['min_lr']}): "
                           f"must be in (0, 1e30]")
     if cfg["seed"] + cfg["seeds"] > 2**63:     # torch and numpy seeds are 64-bit
         raise ConfigError(f"--seed={cfg['seed']}: must be below 2**63 (less --seeds)")
-    if not 0 <= cfg["dropout"] < 1:
-        raise ConfigError(f"--dropout={cfg['dropout']}: must be in [0, 1)")
-    if not (1 <= cfg["digits_min"] <= cfg["digits_max"] <= 9 and 1 <= cfg["ood_digits_min"] <= cfg["ood_digits_max"] <= 9):
+    digits = (cfg["digits_min"], cfg["digits_max"], cfg["ood_digits_min"], cfg["ood_digits_max"])
+    if not (1 <= digits[0] <= digits[1] <= 9 and 1 <= digits[2] <= digits[3] <= 9):
         raise ConfigError("digit ranges need 1 <= *_digits_min <= *_digits_max <= 9")
     return cfg
 
@@ -218,7 +237,8 @@ def resolve(cfg):
         raise ConfigError(f"--n_embd={cfg['n_embd']} must be divisible by --n_head={cfg['n_head']}")
     cfg["block_size"] = cfg["block_size"] or TASKS[cfg["task"]].context(cfg)
     if cfg["block_size"] % cfg["patch_size"]:
-        raise ConfigError(f"--block_size={cfg['block_size']} is not divisible by --patch_size={cfg['patch_size']}")
+        raise ConfigError(f"--block_size={cfg['block_size']} is not divisible by "
+                          f"--patch_size={cfg['patch_size']}")
     cfg["vocab_size"] = TASKS[cfg["task"]].vocab_size
     cfg["layers"] = mbe_layer_ids(cfg["mbe_layers"], cfg["n_layer"])
     return cfg
@@ -233,7 +253,7 @@ def mbe_layer_ids(spec, n_layer):
     try:
         ids = sorted({int(s) for s in spec.split(",")})
     except ValueError:
-        raise ConfigError(f"--mbe_layers={spec}: use inner, all, or a comma list like 1,2") from None
+        raise ConfigError(f"--mbe_layers={spec}: use inner, all, or a list like 1,2") from None
     if not ids or ids[0] < 0 or ids[-1] >= n_layer:
         raise ConfigError(f"--mbe_layers={spec}: layers must be in 0..{n_layer - 1}")
     return ids
@@ -1511,8 +1531,8 @@ def bench(cfg):
     n = raw.num_params() - raw.transformer.wpe.weight.numel()
     flops = 6 * n + 12 * cfg["n_layer"] * D * T         # per token, as nanoGPT's MFU counts them
     print(f"bench: GPT {cfg['n_layer']} layers x {D}, {raw.num_params():,} parameters, MBE on "
-          f"layers {cfg['layers']} | {B} x {T} random tokens a step | {device} {cfg['dtype']} | compile "
-          f"{'on' if compiled else 'off'} | torch {torch.__version__}, {torch.get_num_threads()} "
+          f"layers {cfg['layers']} | {B} x {T} random tokens a step | {device} {cfg['dtype']} | "
+          f"compile {'on' if compiled else 'off'} | torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads | median of {len(ts['plain PyTorch']) * k} steps")
     print(f"{'mode':<16}{'ms/step':>10}{'tok/s':>12}{'vs plain':>10}{'MFU':>8}")
     for m in modes:
