@@ -1532,8 +1532,8 @@ def bench(cfg):
     flops = 6 * n + 12 * cfg["n_layer"] * D * T         # per token, as nanoGPT's MFU counts them
     print(f"bench: GPT {cfg['n_layer']} layers x {D}, {raw.num_params():,} parameters, MBE on "
           f"layers {cfg['layers']} | {B} x {T} random tokens a step | {device} {cfg['dtype']} | "
-          f"compile {'on' if compiled else 'off'} | torch {torch.__version__}, {torch.get_num_threads()} "
-          f"threads | median of {len(ts['plain PyTorch']) * k} steps")
+          f"compile {'on' if compiled else 'off'} | torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads | median of {len(ts['plain PyTorch']) * k} steps")
     print(f"{'mode':<16}{'ms/step':>10}{'tok/s':>12}{'vs plain':>10}{'MFU':>8}")
     for m in modes:
         mfu = f"{flops * B * T / step[m] / peak:.1%}" if peak else "-"
