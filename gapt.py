@@ -42,7 +42,8 @@ CONFIG = [
     ("task", "arithmetic", "arithmetic (built in, no download) | text (token shards from data.py) | forgetting (MLP toy)"),
     ("phase_mode", "gapt", "gapt (switch phases) | memorize (CE only: the baseline) | compress (CE + MBE always)"),
     ("out_dir", "out", "log.jsonl, config.json, ckpt.pt and curves.png go here"),
-    ("init_from", "scratch", "scratch | resume (continue from out_dir/ckpt.pt)"),
+    ("init_from", "scratch", "scratch | resume (continue from out_dir/ckpt.pt) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl (--task=text)"),
+    ("weights", "", "--init_from=gpt2*: a local model.safetensors, pytorch_model.bin or a folder with one (empty: download)"),
     ("seed", 1337, "seeds the model init, the data stream and dropout"),
     ("device", "auto", "auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps"),
     ("dtype", "auto", "auto (bfloat16 on cuda if supported, else float32) | float32 | bfloat16 | float16 (cuda)"),
@@ -89,6 +90,9 @@ CONFIG = [
     ("weight_decay", 0.1, "AdamW decay, on 2-D weights only"),
     ("beta1", 0.9, "AdamW beta1"),
     ("beta2", 0.99, "AdamW beta2"),
+    ("optimizer", "adamw", "adamw | muon (Muon for the blocks' 2-D weight matrices, AdamW for the rest)"),
+    ("muon_lr", 0.02, "--optimizer=muon: Muon's peak learning rate (the schedule scales it like --learning_rate)"),
+    ("muon_weight_decay", 0.0, "--optimizer=muon: Muon's decoupled weight decay"),
     ("grad_clip", 1.0, "clip the gradient norm to this (0 = off)"),
     # evaluation and logging
     ("eval_interval", 250, "steps between evaluations and checkpoints (0 = none but the last checkpoint)"),
@@ -102,8 +106,9 @@ CONFIG = [
 ]
 DEFAULTS = {k: v for k, v, _ in CONFIG}
 CHOICES = {"task": ("arithmetic", "text", "forgetting"), "phase_mode": ("gapt", "memorize", "compress"),
-           "init_from": ("scratch", "resume"), "dtype": ("auto", "float32", "bfloat16", "float16"),
-           "compile": ("auto", "on", "off"), "model": ("tiny", "small", "gpt2")}
+           "init_from": ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"), "dtype": ("auto", "float32", "bfloat16", "float16"),
+           "compile": ("auto", "on", "off"), "model": ("tiny", "small", "gpt2"),
+           "optimizer": ("adamw", "muon")}
 PRESETS = {"tiny": (4, 4, 128), "small": (6, 6, 384), "gpt2": (12, 12, 768)}
 
 
@@ -216,9 +221,9 @@ def print_help():
         print(f"  --{key:<16} {default!s:<16} {text}")
 
 # -----------------------------------------------------------------------------
-# Model: GPT-2 as in nanoGPT. Parameter names follow Hugging Face's GPT-2 so
-# weights can be loaded by name; the forward pass also returns the residual
-# stream after every block, the representations whose entropy GAPT compresses.
+# Model: GPT-2 as in nanoGPT. Parameter names follow Hugging Face's GPT-2, so its
+# weights load by name (--init_from=gpt2, load_gpt2 below); the forward pass also returns
+# the residual stream after every block, the representations whose entropy GAPT compresses.
 
 
 @dataclass
@@ -230,6 +235,7 @@ class GPTConfig:
     vocab_size: int = 50257
     dropout: float = 0.0
     bias: bool = True
+    vocab_real: int = 0   # ids >= vocab_real are padding (logit -inf); 0: every id is a token
 
 
 class CausalSelfAttention(nn.Module):
@@ -310,6 +316,8 @@ class GPT(nn.Module):
             x = block(x)
             hs.append(x)
         logits = self.lm_head(self.transformer.ln_f(x))
+        if self.config.vocab_real:   # pretrained GPT-2's zero padding rows would give logit 0, far above
+            logits[..., self.config.vocab_real:] = float("-inf")   # its real logits: no probability there
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -317,6 +325,94 @@ class GPT(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())   # tied weights are counted once
+
+
+GPT2_SIZES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
+              "gpt2-xl": (48, 25, 1600)}   # (n_layer, n_head, n_embd): the Hugging Face checkpoints
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def gpt2_file(name, path):
+    """The weights file: --weights (a file, or a folder holding one), else downloaded from the Hub."""
+    if not path:
+        try:
+            from huggingface_hub import hf_hub_download
+        except ImportError:
+            raise ConfigError(f"--init_from={name}: pip install huggingface_hub, or pass --weights=PATH "
+                              "to a local copy") from None
+        try:
+            hf_hub_download(f"openai-community/{name}", "config.json")   # beside the weights: n_head
+            return hf_hub_download(f"openai-community/{name}", "model.safetensors")
+        except Exception as e:
+            raise ConfigError(f"--init_from={name}: download failed ({type(e).__name__}); pass "
+                              "--weights=PATH to a local copy") from None
+    for f in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, f)):
+            return os.path.join(path, f)
+    if not os.path.isfile(path):
+        raise ConfigError(f"--weights={path}: no such file, nor a folder with model.safetensors or pytorch_model.bin")
+    return path
+
+
+def gpt2_heads(config, name):
+    """n_head, which the tensors do not show: from config.json beside the weights, else by name."""
+    if not os.path.isfile(config):
+        return GPT2_SIZES[name][1]
+    try:
+        with open(config) as f:
+            return int(json.load(f)["n_head"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{config}: no n_head in it ({type(e).__name__})") from None
+
+
+def load_gpt2(cfg):
+    """Hugging Face GPT-2 weights as this model's state dict (names without "transformer.", Conv1D
+    weights transposed to Linear's (out, in), vocabulary and positions as saved). Sets cfg's
+    n_layer, n_head, n_embd from the weights and config.json beside them; nothing is written."""
+    name = cfg["init_from"]
+    if cfg["task"] != "text":
+        raise ConfigError(f"--init_from={name} needs --task=text (GPT-2's vocabulary)")
+    path = gpt2_file(name, cfg["weights"])
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = {k.removeprefix("transformer."): v.float() for k, v in sd.items()
+              if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}   # buffers; tied
+        vocab, n_embd = sd["wte.weight"].shape
+        n_layer = len({k.split(".")[1] for k in sd if k.startswith("h.")})
+    except ImportError:
+        raise ConfigError(f"--weights={path}: pip install safetensors to read it") from None
+    except Exception as e:
+        raise ConfigError(f"--weights={path}: not a GPT-2 checkpoint ({type(e).__name__}: {str(e)[:80]})") from None
+    n_head = gpt2_heads(os.path.join(os.path.dirname(path), "config.json"), name)
+    if vocab != 50257 or n_embd % n_head:
+        raise ConfigError(f"--weights={path}: vocabulary {vocab} x {n_embd} with {n_head} heads is not GPT-2's")
+    for key, v in (("n_layer", n_layer), ("n_head", n_head), ("n_embd", n_embd)):
+        if cfg[key] not in (0, v):
+            raise ConfigError(f"--{key}={cfg[key]}: the weights have {v}")
+        cfg[key] = v
+    cfg["vocab_real"] = vocab   # kept in the checkpoint's config: a resumed run masks the padding too
+    return sd
+
+
+def fit_gpt2(model, sd):
+    """Load GPT-2's state dict into model: wte padded with zero rows to the model's vocabulary (the
+    padded logits are masked, GPTConfig.vocab_real), wpe cut to its context. Returns the model."""
+    c = model.config
+    wte, wpe = sd["wte.weight"], sd["wpe.weight"]
+    if c.block_size > len(wpe):
+        raise ConfigError(f"--block_size={c.block_size}: the GPT-2 weights have {len(wpe)} positions")
+    sd = {("transformer." + k): (v.t() if k.endswith(CONV1D) else v) for k, v in sd.items()}
+    sd["transformer.wte.weight"] = sd["lm_head.weight"] = F.pad(wte, (0, 0, 0, c.vocab_size - len(wte)))
+    sd["transformer.wpe.weight"] = wpe[: c.block_size]
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:   # a missing, extra or misshapen tensor: not the GPT-2 this config builds
+        raise ConfigError(f"--init_from: the weights do not fit ({str(e).splitlines()[-1].strip()[:100]})") from None
+    return model
 
 # -----------------------------------------------------------------------------
 # Matrix-based entropy (MBE). For N token representations Z (N, D) the Gram
@@ -562,12 +658,63 @@ def setup_device(cfg):
 
 
 def make_optimizer(model, cfg, device):
-    """AdamW with weight decay on 2-D weights only (not biases, LayerNorms)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
-                             fused=device.type == "cuda")
+    """AdamW with weight decay on 2-D weights only (not biases, LayerNorms). With --optimizer=muon,
+    the blocks' attention and MLP matrices go to Muon (orthogonalised momentum, as in the paper's
+    modded-nanogpt runs) and the rest (tied embedding/head, positions, biases, norms) to AdamW."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    muon = cfg["optimizer"] == "muon"
+    to_muon = [p for n, p in named if muon and n.startswith("transformer.h.") and p.dim() == 2]
+    rest = [p for _, p in named if all(p is not q for q in to_muon)]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    adamw = torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
+                              fused=device.type == "cuda")
+    if not muon:
+        return adamw
+    if cfg["muon_lr"] <= 0 or cfg["muon_weight_decay"] < 0:
+        raise ConfigError("--muon_lr must be positive and --muon_weight_decay >= 0")
+    if not hasattr(torch.optim, "Muon"):
+        raise ConfigError(f"--optimizer=muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
+    scale = cfg["muon_lr"] / cfg["learning_rate"]   # train() sets lr = get_lr(step) * lr_scale per group
+    return Optimizers([torch.optim.Muon([{"params": to_muon, "lr_scale": scale}], lr=cfg["muon_lr"],
+                                        weight_decay=cfg["muon_weight_decay"]), adamw])
+
+
+class Optimizers:
+    """Muon and AdamW driven as one optimizer: GradScaler (unscale_, the inf check, step), update()'s
+    skip and the checkpoint see one param_groups list, one step() and one state dict."""
+
+    def __init__(self, opts):
+        self.opts = opts
+
+    @property
+    def param_groups(self):
+        return [g for o in self.opts for g in o.param_groups]
+
+    def step(self):
+        for o in self.opts:
+            o.step()
+
+    def zero_grad(self, set_to_none=True):
+        for o in self.opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"optimizers": [o.state_dict() for o in self.opts]}
+
+    def load_state_dict(self, sd):
+        scales = [g.get("lr_scale") for g in self.param_groups]   # the command line's, as the schedule
+        for o, s in zip(self.opts, sd["optimizers"], strict=True):
+            o.load_state_dict(s)
+        for g, s in zip(self.param_groups, scales):
+            g["lr_scale"] = s
+
+
+def describe(optimizer):
+    """One line per run log: each optimizer's peak lr, weight decay of its 2-D weights, its parameters."""
+    return " + ".join(f"{type(o).__name__} (lr {o.defaults['lr']:g}, weight decay {o.param_groups[0]['weight_decay']:g}, "
+                      f"{sum(p.numel() for g in o.param_groups for p in g['params']):,} parameters)"
+                      for o in getattr(optimizer, "opts", [optimizer]))
 
 
 def get_lr(step, cfg):
@@ -691,12 +838,15 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (e.g. persistent NaNs): reported as one line, exit code 1."""
 
 
-def build(cfg, device, ck):
-    """Model, optimizer and controller, restored from checkpoint ck when resuming."""
+def build(cfg, device, ck, gpt2=None):
+    """Model, optimizer and controller, restored from checkpoint ck when resuming, or the model
+    from GPT-2's state dict gpt2 (load_gpt2)."""
     torch.manual_seed(cfg["seed"])
+    cfg["vocab_real"] = (ck["config"] if ck else cfg).get("vocab_real", 0)
     mc = GPTConfig(cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["block_size"], cfg["vocab_size"],
-                   cfg["dropout"], cfg["bias"])
-    model = GPT(mc).to(device)
+                   cfg["dropout"], cfg["bias"], cfg["vocab_real"])
+    model = GPT(mc)
+    model = (fit_gpt2(model, gpt2) if gpt2 else model).to(device)
     optimizer = make_optimizer(model, cfg, device)
     controller = GAPT(cfg["delta_ce"], cfg["delta_mbe"], cfg["tau"], cfg["p_m"], cfg["p_c"])
     if ck:
@@ -751,6 +901,7 @@ def train(cfg):
                                                  "bias", "patch_size", "mbe_layers", "seed", "reverse_answer",
                                                  "digits_min", "digits_max", "ood_digits_min", "ood_digits_max",
                                                  "n_eval")})
+    gpt2 = load_gpt2(cfg) if cfg["init_from"] in GPT2_SIZES else None   # sets the model's shape
     from data import ARITH_VOCAB
     cfg = resolve(cfg, ARITH_VOCAB if cfg["task"] == "arithmetic" else 50304)   # 50257 padded to 64k: faster
     B, T = cfg["batch_size"], cfg["block_size"]
@@ -760,7 +911,7 @@ def train(cfg):
         raise ConfigError(f"--total_batch_size={total} is not a multiple of batch_size*block_size*processes = {tokens_per_micro}")
     accum = total // tokens_per_micro
     data = make_data(cfg, rank, world)
-    model, optimizer, controller = build(cfg, device, ck)
+    model, optimizer, controller = build(cfg, device, ck, gpt2)
     phase = {"gapt": controller.phase, "memorize": MEMORIZE, "compress": COMPRESS}[cfg["phase_mode"]]
     step = resume(ck, data, scaler, rank, world) if ck else 0
     evals = eval_batches(cfg, data)                # before anything is written: a bad size is bad input
@@ -773,6 +924,7 @@ def train(cfg):
     log = open_run(cfg, master, step if ck else None)
     log.print(f"torch {torch.__version__} | device {device} | dtype {cfg['dtype']} | processes {world} | "
               f"{raw.num_params():,} parameters | MBE on layers {cfg['layers']} of {cfg['n_layer']}")
+    log.print(f"optimizer: {describe(optimizer)}")
     log.print(f"batch: {total:,} tokens/step = {B} seqs x {T} tokens x {world} processes x {accum} accumulation steps")
     if step == 0 and cfg["eval_interval"] and master:
         log.record(kind="eval", step=0, **run_eval(raw, evals, cfg, device, ctx))
@@ -781,7 +933,7 @@ def train(cfg):
         t0 = time.time()
         lr = get_lr(step, cfg)
         for g in optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * (g.get("lr_scale") or 1.0)   # Muon keeps its own peak (make_optimizer)
         stats = torch.zeros(3, device=device)       # ce, M, phase: averaged over micro-batches and ranks
         for micro in range(accum):
             x, y = (t.to(device) for t in data.batch(B))
