@@ -389,7 +389,7 @@ def load_gpt2(cfg):
         raise ConfigError(f"--weights={path}: not a GPT-2 checkpoint ({type(e).__name__}: {str(e)[:80]})") from None
     n_head = gpt2_heads(os.path.join(os.path.dirname(path), "config.json"), name)
     if vocab != 50257 or n_embd % n_head:
-        raise ConfigError(f"--weights={path}: vocabulary {vocab} x {n_embd} with {n_head} heads is not GPT-2's")
+        raise ConfigError(f"--weights={path}: {vocab} tokens x {n_embd} wide, {n_head} heads: not a GPT-2 shape")
     for key, v in (("n_layer", n_layer), ("n_head", n_head), ("n_embd", n_embd)):
         if cfg[key] not in (0, v):
             raise ConfigError(f"--{key}={cfg[key]}: the weights have {v}")

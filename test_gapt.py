@@ -1072,3 +1072,105 @@ def test_compare_runs_every_arm_and_seed_then_table_and_figures(tmp_path):
     assert "cycle, gapt seed 1338: cos > 0 in" in r.stdout and "of 4 measurements" in r.stdout
     seeds = [json.loads((out / d / "config.json").read_text())["seed"] for d in ("gapt_seed0", "gapt_seed1")]
     assert seeds == [1337, 1338]
+
+# -----------------------------------------------------------------------------
+# issue 13: --optimizer=muon, and --init_from=gpt2 (Hugging Face GPT-2 weights; needs transformers)
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest(monkeypatch):
+    cfg = gapt.resolve(dict(gapt.DEFAULTS, n_layer=2, n_head=2, n_embd=32, optimizer="muon"), 20)
+    model, opt, _ = gapt.build(cfg, torch.device("cpu"), None)
+    muon, adamw = opt.opts
+    name = {id(p): n for n, p in model.named_parameters()}
+    in_muon = sorted(name[id(p)] for g in muon.param_groups for p in g["params"])
+    assert in_muon == sorted(n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2)
+    assert len(in_muon) == 2 * 4                                     # c_attn, attn c_proj, c_fc, mlp c_proj
+    in_adamw = {name[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert in_adamw.isdisjoint(in_muon) and len(in_adamw) + len(in_muon) == len(name)
+    assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight"} <= in_adamw
+    assert "Muon (lr 0.02, weight decay 0," in gapt.describe(opt) and "AdamW (lr 0.001" in gapt.describe(opt)
+    monkeypatch.delattr(torch.optim, "Muon")                         # as on torch < 2.9
+    with pytest.raises(gapt.ConfigError, match=r"needs torch >= 2.9"):
+        gapt.make_optimizer(model, cfg, torch.device("cpu"))
+
+
+def test_resume_with_muon_reproduces_uninterrupted_run(tmp_path):
+    a, b = tmp_path / "straight", tmp_path / "resumed"
+    args = [*STEADY, "--optimizer=muon", "--muon_lr=0.01", "--eval_interval=10"]
+    assert run_gapt(*args, "--max_iters=20", f"--out_dir={a}").returncode == 0
+    assert run_gapt(*args, "--max_iters=10", f"--out_dir={b}").returncode == 0
+    r = run_gapt(*args, "--max_iters=20", f"--out_dir={b}", "--init_from=resume")
+    assert r.returncode == 0, r.stderr
+    straight, resumed = without_timing(read_log(a, "train")), without_timing(read_log(b, "train"))
+    assert len(straight) == 20 and {t["phase"] for t in straight} == {1, 2} and straight == resumed
+    muon, adamw = torch.load(b / "ckpt.pt", weights_only=False)["optimizer"]["optimizers"]
+    assert len(muon["state"]) == 3 * 4 and adamw["state"]           # both optimizers' states were saved
+    assert muon["param_groups"][0]["lr"] == pytest.approx(0.01)      # its own peak, not AdamW's 3e-3
+
+
+def save_tiny_gpt2(path, safetensors=True):
+    """A small random transformers.GPT2LMHeadModel (GPT-2's vocabulary), saved with save_pretrained."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64))
+    hf.save_pretrained(path)
+    if not safetensors:   # the older format (transformers 5 writes safetensors only): a pickled state dict
+        torch.save(hf.state_dict(), path / "pytorch_model.bin")
+        (path / "model.safetensors").unlink()
+    return hf.eval()
+
+
+@pytest.mark.parametrize("safetensors", [True, False])
+def test_gpt2_weights_give_the_logits_of_transformers(tmp_path, safetensors):
+    hf = save_tiny_gpt2(tmp_path, safetensors)
+    assert (tmp_path / ("model.safetensors" if safetensors else "pytorch_model.bin")).is_file()
+    cfg = dict(gapt.DEFAULTS, task="text", init_from="gpt2", weights=str(tmp_path), block_size=64)
+    sd = gapt.load_gpt2(cfg)
+    assert (cfg["n_layer"], cfg["n_head"], cfg["n_embd"]) == (2, 2, 64)   # from the weights and config.json
+    model = gapt.build(gapt.resolve(cfg, 50304), torch.device("cpu"), None, sd)[0].eval()
+    x, y = torch.randint(50257, (2, 2, 64))
+    with torch.no_grad():
+        (ours, ce, _), theirs = model(x, y), hf(x).logits
+    assert ours.shape[-1] == 50304 and (ours[..., :50257] - theirs).abs().max() <= 1e-4
+    assert torch.isneginf(ours[..., 50257:]).all()                  # padding takes no probability:
+    assert ce.item() == pytest.approx(torch.nn.functional.cross_entropy(theirs.flatten(0, 1), y.flatten()).item(),
+                                      abs=1e-4)                     # the same CE as transformers
+    with pytest.raises(gapt.ConfigError, match="64 positions"):      # a context longer than GPT-2's
+        gapt.build(gapt.resolve(dict(cfg, block_size=128), 50304), torch.device("cpu"), None, sd)
+
+
+def test_gapt_continues_from_gpt2_weights_and_resumes(text_dir, tmp_path):
+    hf = save_tiny_gpt2(tmp_path / "hf")
+    shards, _ = text_dir
+    out = tmp_path / "run"
+    args = ["--task=text", f"--data_dir={shards}", "--block_size=16", "--batch_size=4", "--val_tokens=64",
+            "--eval_interval=3", "--p_m=2", "--p_c=2", "--delta_ce=1", "--tau=10",
+            f"--tokenizer_file={tokenizer_file()}", f"--out_dir={out}"]
+    r = run_gapt(*args, "--max_iters=6", "--init_from=gpt2", f"--weights={tmp_path / 'hf'}")
+    assert r.returncode == 0, r.stderr
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    assert (ck["config"]["n_layer"], ck["config"]["n_embd"], ck["config"]["vocab_real"]) == (2, 64, 50257)
+    wpe = hf.transformer.wpe.weight[:16].detach()                    # warmup: 6 steps move it < 1e-3
+    assert (ck["model"]["transformer.wpe.weight"] - wpe).abs().max() < 1e-3
+    r = run_gapt(*args, "--max_iters=8", "--init_from=resume")
+    assert r.returncode == 0, r.stderr
+    assert [t["step"] for t in read_log(out, "train")] == list(range(1, 9))
+    assert {t["phase"] for t in read_log(out, "train")} == {1, 2}
+
+
+def test_gpt2_weights_that_cannot_load_are_one_line_errors(tmp_path, monkeypatch):
+    bad = tmp_path / "pytorch_model.bin"
+    torch.save({"h.0.mlp.c_fc.weight": torch.zeros(8, 32)}, bad)      # a state dict, not GPT-2's
+    (tmp_path / "junk.bin").write_bytes(b"not weights")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")                       # no network: the download fails
+    for flags, msg in (([f"--weights={bad}"], "not a GPT-2 checkpoint"),
+                       ([f"--weights={tmp_path / 'junk.bin'}"], "not a GPT-2 checkpoint"),
+                       ([f"--weights={tmp_path / 'none'}"], "no such file"),
+                       (["--init_from=gpt2-xl"], "--weights=PATH to a local copy"),   # or not installed
+                       (["--task=arithmetic"], "needs --task=text")):
+        r = run_gapt("--task=text", "--init_from=gpt2", *flags, f"--out_dir={tmp_path / 'run'}", env=env)
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "run").exists()
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)        # not installed
+    with pytest.raises(gapt.ConfigError, match="pip install huggingface_hub"):
+        gapt.gpt2_file("gpt2", "")
