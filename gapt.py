@@ -11,6 +11,8 @@ Cycles Improve Generalization", arXiv 2505.08727 (2025).
     torchrun --standalone --nproc_per_node=8 gapt.py --task=text --model=gpt2 \\
         --total_batch_size=524288 --batch_size=32     # 8 GPUs (nccl), or CPU processes (gloo)
     torchrun --nnodes=2 --node_rank=0 --rdzv_endpoint=HOST:29500 --nproc_per_node=8 gapt.py ...
+    python gapt.py --optimizer=muon                  # Muon for the blocks' matrices, AdamW for the rest
+    python gapt.py --task=text --init_from=gpt2 --data_dir=data/text   # GAPT on GPT-2's pretrained weights
     python gapt.py --task=forgetting                 # the catastrophic-forgetting toy (an MLP, seconds)
     python gapt.py --compare=memorize,gapt --seeds=3 # both arms x 3 seeds, a table and out/<task>.png
     python gapt.py --bench                           # ms/step: memorise vs compress vs plain PyTorch, MBE share
