@@ -44,8 +44,8 @@ CONFIG = [
     ("task", "arithmetic", "arithmetic (built in, no download) | text (token shards from data.py) | forgetting (MLP toy)"),
     ("phase_mode", "gapt", "gapt (switch phases) | memorize (CE only: the baseline) | compress (CE + MBE always)"),
     ("out_dir", "out", "log.jsonl, config.json, ckpt.pt and curves.png go here"),
-    ("init_from", "scratch", "scratch | resume (continue from out_dir/ckpt.pt) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl (--task=text)"),
-    ("weights", "", "--init_from=gpt2*: a local model.safetensors, pytorch_model.bin or a folder with one (empty: download)"),
+    ("init_from", "scratch", "scratch | resume (out_dir/ckpt.pt) | gpt2[-medium|-large|-xl] (--task=text)"),
+    ("weights", "", "--init_from=gpt2*: model.safetensors, pytorch_model.bin or their folder (none: download)"),
     ("seed", 1337, "seeds the model init, the data stream and dropout"),
     ("device", "auto", "auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps"),
     ("dtype", "auto", "auto (bfloat16 on cuda if supported, else float32) | float32 | bfloat16 | float16 (cuda)"),
@@ -92,8 +92,8 @@ CONFIG = [
     ("weight_decay", 0.1, "AdamW decay, on 2-D weights only"),
     ("beta1", 0.9, "AdamW beta1"),
     ("beta2", 0.99, "AdamW beta2"),
-    ("optimizer", "adamw", "adamw | muon (Muon for the blocks' 2-D weight matrices, AdamW for the rest)"),
-    ("muon_lr", 0.02, "--optimizer=muon: Muon's peak learning rate (the schedule scales it like --learning_rate)"),
+    ("optimizer", "adamw", "adamw | muon (Muon for the blocks' weight matrices, AdamW for the rest)"),
+    ("muon_lr", 0.02, "--optimizer=muon: Muon's peak learning rate (scheduled as --learning_rate)"),
     ("muon_weight_decay", 0.0, "--optimizer=muon: Muon's decoupled weight decay"),
     ("grad_clip", 1.0, "clip the gradient norm to this (0 = off)"),
     # evaluation and logging
@@ -108,7 +108,8 @@ CONFIG = [
 ]
 DEFAULTS = {k: v for k, v, _ in CONFIG}
 CHOICES = {"task": ("arithmetic", "text", "forgetting"), "phase_mode": ("gapt", "memorize", "compress"),
-           "init_from": ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"), "dtype": ("auto", "float32", "bfloat16", "float16"),
+           "init_from": ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"),
+           "dtype": ("auto", "float32", "bfloat16", "float16"),
            "compile": ("auto", "on", "off"), "model": ("tiny", "small", "gpt2"),
            "optimizer": ("adamw", "muon")}
 PRESETS = {"tiny": (4, 4, 128), "small": (6, 6, 384), "gpt2": (12, 12, 768)}
@@ -318,8 +319,8 @@ class GPT(nn.Module):
             x = block(x)
             hs.append(x)
         logits = self.lm_head(self.transformer.ln_f(x))
-        if self.config.vocab_real:   # pretrained GPT-2's zero padding rows would give logit 0, far above
-            logits[..., self.config.vocab_real:] = float("-inf")   # its real logits: no probability there
+        if self.config.vocab_real:   # GPT-2's zero padding rows give logit 0, far above its real
+            logits[..., self.config.vocab_real:] = float("-inf")   # ones: no probability there
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -335,15 +336,15 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 
 
 def gpt2_file(name, path):
-    """The weights file: --weights (a file, or a folder holding one), else downloaded from the Hub."""
+    """The weights file: --weights (a file, or a folder holding one), else downloaded."""
     if not path:
         try:
             from huggingface_hub import hf_hub_download
         except ImportError:
-            raise ConfigError(f"--init_from={name}: pip install huggingface_hub, or pass --weights=PATH "
-                              "to a local copy") from None
+            raise ConfigError(f"--init_from={name}: pip install huggingface_hub, "
+                              "or pass --weights=PATH to a local copy") from None
         try:
-            hf_hub_download(f"openai-community/{name}", "config.json")   # beside the weights: n_head
+            hf_hub_download(f"openai-community/{name}", "config.json")   # beside them: n_head
             return hf_hub_download(f"openai-community/{name}", "model.safetensors")
         except Exception as e:
             raise ConfigError(f"--init_from={name}: download failed ({type(e).__name__}); pass "
@@ -352,13 +353,16 @@ def gpt2_file(name, path):
         if os.path.isdir(path) and os.path.isfile(os.path.join(path, f)):
             return os.path.join(path, f)
     if not os.path.isfile(path):
-        raise ConfigError(f"--weights={path}: no such file, nor a folder with model.safetensors or pytorch_model.bin")
+        raise ConfigError(f"--weights={path}: no such file, "
+                          "nor a folder with model.safetensors or pytorch_model.bin")
     return path
 
 
-def gpt2_heads(config, name):
+def gpt2_heads(config, name, n_layer, n_embd):
     """n_head, which the tensors do not show: from config.json beside the weights, else by name."""
     if not os.path.isfile(config):
+        if (n_layer, n_embd) != GPT2_SIZES[name][::2]:
+            raise ConfigError(f"{config} is missing and the weights are not {name}'s size: it gives n_head")
         return GPT2_SIZES[name][1]
     try:
         with open(config) as f:
@@ -368,9 +372,9 @@ def gpt2_heads(config, name):
 
 
 def load_gpt2(cfg):
-    """Hugging Face GPT-2 weights as this model's state dict (names without "transformer.", Conv1D
-    weights transposed to Linear's (out, in), vocabulary and positions as saved). Sets cfg's
-    n_layer, n_head, n_embd from the weights and config.json beside them; nothing is written."""
+    """Hugging Face GPT-2's state dict, as saved but for the "transformer." prefix (fit_gpt2 makes it
+    this model's). Sets cfg's n_layer, n_head, n_embd from the weights and the config.json beside
+    them; nothing is written."""
     name = cfg["init_from"]
     if cfg["task"] != "text":
         raise ConfigError(f"--init_from={name} needs --task=text (GPT-2's vocabulary)")
@@ -381,22 +385,23 @@ def load_gpt2(cfg):
             sd = load_file(path)
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-        sd = {k.removeprefix("transformer."): v.float() for k, v in sd.items()
-              if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}   # buffers; tied
+        skip = (".attn.bias", ".attn.masked_bias", "lm_head.weight")   # causal-mask buffers; tied to wte
+        sd = {k.removeprefix("transformer."): v.float() for k, v in sd.items() if not k.endswith(skip)}
         vocab, n_embd = sd["wte.weight"].shape
         n_layer = len({k.split(".")[1] for k in sd if k.startswith("h.")})
     except ImportError:
         raise ConfigError(f"--weights={path}: pip install safetensors to read it") from None
     except Exception as e:
-        raise ConfigError(f"--weights={path}: not a GPT-2 checkpoint ({type(e).__name__}: {str(e)[:80]})") from None
-    n_head = gpt2_heads(os.path.join(os.path.dirname(path), "config.json"), name)
+        raise ConfigError(f"--weights={path}: not a GPT-2 checkpoint ({type(e).__name__})") from None
+    n_head = gpt2_heads(os.path.join(os.path.dirname(path), "config.json"), name, n_layer, n_embd)
     if vocab != 50257 or n_embd % n_head:
-        raise ConfigError(f"--weights={path}: {vocab} tokens x {n_embd} wide, {n_head} heads: not a GPT-2 shape")
+        raise ConfigError(f"--weights={path}: {vocab} tokens, {n_embd} wide, {n_head} heads: "
+                          "not a GPT-2 shape")
     for key, v in (("n_layer", n_layer), ("n_head", n_head), ("n_embd", n_embd)):
         if cfg[key] not in (0, v):
             raise ConfigError(f"--{key}={cfg[key]}: the weights have {v}")
         cfg[key] = v
-    cfg["vocab_real"] = vocab   # kept in the checkpoint's config: a resumed run masks the padding too
+    cfg["vocab_real"] = vocab   # in the checkpoint's config: a resumed run masks the padding too
     return sd
 
 
@@ -408,12 +413,14 @@ def fit_gpt2(model, sd):
     if c.block_size > len(wpe):
         raise ConfigError(f"--block_size={c.block_size}: the GPT-2 weights have {len(wpe)} positions")
     sd = {("transformer." + k): (v.t() if k.endswith(CONV1D) else v) for k, v in sd.items()}
-    sd["transformer.wte.weight"] = sd["lm_head.weight"] = F.pad(wte, (0, 0, 0, c.vocab_size - len(wte)))
+    wte = F.pad(wte, (0, 0, 0, c.vocab_size - len(wte)))   # (vocab_size, n_embd), zero rows at the end
+    sd["transformer.wte.weight"] = sd["lm_head.weight"] = wte
     sd["transformer.wpe.weight"] = wpe[: c.block_size]
     try:
         model.load_state_dict(sd)
-    except RuntimeError as e:   # a missing, extra or misshapen tensor: not the GPT-2 this config builds
-        raise ConfigError(f"--init_from: the weights do not fit ({str(e).splitlines()[-1].strip()[:100]})") from None
+    except RuntimeError as e:   # a missing, extra or misshapen tensor
+        raise ConfigError(f"--init_from: the weights do not fit this GPT "
+                          f"({str(e).splitlines()[-1].strip()[:80]})") from None
     return model
 
 # -----------------------------------------------------------------------------
@@ -676,15 +683,16 @@ def make_optimizer(model, cfg, device):
     if cfg["muon_lr"] <= 0 or cfg["muon_weight_decay"] < 0:
         raise ConfigError("--muon_lr must be positive and --muon_weight_decay >= 0")
     if not hasattr(torch.optim, "Muon"):
-        raise ConfigError(f"--optimizer=muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
-    scale = cfg["muon_lr"] / cfg["learning_rate"]   # train() sets lr = get_lr(step) * lr_scale per group
+        raise ConfigError(f"--optimizer=muon needs torch >= 2.9 (torch.optim.Muon); "
+                          f"this is torch {torch.__version__}")
+    scale = cfg["muon_lr"] / cfg["learning_rate"]   # train(): lr = get_lr(step) * lr_scale
     return Optimizers([torch.optim.Muon([{"params": to_muon, "lr_scale": scale}], lr=cfg["muon_lr"],
                                         weight_decay=cfg["muon_weight_decay"]), adamw])
 
 
 class Optimizers:
-    """Muon and AdamW driven as one optimizer: GradScaler (unscale_, the inf check, step), update()'s
-    skip and the checkpoint see one param_groups list, one step() and one state dict."""
+    """Muon and AdamW driven as one: GradScaler (unscale_, the inf check, step), update()'s skip
+    and the checkpoint see one param_groups list, one step() and one state dict."""
 
     def __init__(self, opts):
         self.opts = opts
@@ -705,7 +713,7 @@ class Optimizers:
         return {"optimizers": [o.state_dict() for o in self.opts]}
 
     def load_state_dict(self, sd):
-        scales = [g.get("lr_scale") for g in self.param_groups]   # the command line's, as the schedule
+        scales = [g.get("lr_scale") for g in self.param_groups]   # the command line's, like the schedule
         for o, s in zip(self.opts, sd["optimizers"], strict=True):
             o.load_state_dict(s)
         for g, s in zip(self.param_groups, scales):
@@ -713,8 +721,9 @@ class Optimizers:
 
 
 def describe(optimizer):
-    """One line per run log: each optimizer's peak lr, weight decay of its 2-D weights, its parameters."""
-    return " + ".join(f"{type(o).__name__} (lr {o.defaults['lr']:g}, weight decay {o.param_groups[0]['weight_decay']:g}, "
+    """For the run log: each optimizer's peak lr, weight decay (of its 2-D weights), parameters."""
+    return " + ".join(f"{type(o).__name__} (lr {o.defaults['lr']:g}, "
+                      f"weight decay {o.param_groups[0]['weight_decay']:g}, "
                       f"{sum(p.numel() for g in o.param_groups for p in g['params']):,} parameters)"
                       for o in getattr(optimizer, "opts", [optimizer]))
 

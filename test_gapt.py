@@ -1159,15 +1159,23 @@ def test_gapt_continues_from_gpt2_weights_and_resumes(text_dir, tmp_path):
 
 
 def test_gpt2_weights_that_cannot_load_are_one_line_errors(tmp_path, monkeypatch):
+    hf = tmp_path / "hf"
+    save_tiny_gpt2(hf)
+    (hf / "config.json").unlink()                                    # n_head: by name, and it is not gpt2-xl
     bad = tmp_path / "pytorch_model.bin"
     torch.save({"h.0.mlp.c_fc.weight": torch.zeros(8, 32)}, bad)      # a state dict, not GPT-2's
     (tmp_path / "junk.bin").write_bytes(b"not weights")
+    for init, weights, msg in (("gpt2", bad, "not a GPT-2 checkpoint"),
+                               ("gpt2", tmp_path / "junk.bin", "not a GPT-2 checkpoint"),
+                               ("gpt2", tmp_path / "none", "no such file"),
+                               ("gpt2-xl", hf / "model.safetensors", "gives n_head")):
+        with pytest.raises(gapt.ConfigError, match=msg):
+            gapt.load_gpt2(dict(gapt.DEFAULTS, task="text", init_from=init, weights=str(weights)))
+    with pytest.raises(gapt.ConfigError, match="needs --task=text"):
+        gapt.load_gpt2(dict(gapt.DEFAULTS, init_from="gpt2", weights=str(hf)))
     env = dict(os.environ, HF_HUB_OFFLINE="1")                       # no network: the download fails
-    for flags, msg in (([f"--weights={bad}"], "not a GPT-2 checkpoint"),
-                       ([f"--weights={tmp_path / 'junk.bin'}"], "not a GPT-2 checkpoint"),
-                       ([f"--weights={tmp_path / 'none'}"], "no such file"),
-                       (["--init_from=gpt2-xl"], "--weights=PATH to a local copy"),   # or not installed
-                       (["--task=arithmetic"], "needs --task=text")):
+    for flags, msg in (([f"--weights={bad}"], "not a GPT-2 checkpoint"),   # as the user sees them
+                       ([], "--weights=PATH to a local copy")):            # or: not installed
         r = run_gapt("--task=text", "--init_from=gpt2", *flags, f"--out_dir={tmp_path / 'run'}", env=env)
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (tmp_path / "run").exists()
