@@ -861,6 +861,9 @@ def build(cfg, device, ck, gpt2=None):
     optimizer = make_optimizer(model, cfg, device)
     controller = GAPT(cfg["delta_ce"], cfg["delta_mbe"], cfg["tau"], cfg["p_m"], cfg["p_c"])
     if ck:
+        if ck["config"].get("optimizer", "adamw") != cfg["optimizer"]:   # different state dicts
+            raise ConfigError(f"--optimizer={cfg['optimizer']}: the checkpoint was trained with "
+                              f"--optimizer={ck['config'].get('optimizer', 'adamw')}; resume with that")
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         controller.load_state_dict(ck["gapt"])

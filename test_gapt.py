@@ -1108,6 +1108,21 @@ def test_resume_with_muon_reproduces_uninterrupted_run(tmp_path):
     assert muon["param_groups"][0]["lr"] == pytest.approx(0.01)      # its own peak, not AdamW's 3e-3
 
 
+def test_grad_scaler_skips_and_unscales_muon_and_adamw_together():
+    cfg = gapt.resolve(dict(gapt.DEFAULTS, n_layer=1, n_head=2, n_embd=16, optimizer="muon"), 20)
+    model, opt, _ = gapt.build(cfg, torch.device("cpu"), None)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)         # fp16's scaler, here on the CPU
+    x, y = torch.randint(20, (2, 4, cfg["block_size"]))
+    for factor, moves in ((math.inf, False), (1.0, True)):           # an overflow: neither optimizer steps
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler.scale(model(x, y)[1] * factor).backward()
+        gapt.update(model, opt, scaler, cfg, 1.0, 0.5)
+        assert [not torch.equal(a, p) for a, p in zip(before, model.parameters())] == [moves] * len(before)
+    assert scaler.get_scale() == 512.0                               # halved once, for the overflow
+    with pytest.raises(gapt.ConfigError, match="trained with --optimizer=muon"):
+        gapt.build(dict(cfg, optimizer="adamw"), torch.device("cpu"), {"config": {"optimizer": "muon"}})
+
+
 def save_tiny_gpt2(path, safetensors=True):
     """A small random transformers.GPT2LMHeadModel (GPT-2's vocabulary), saved with save_pretrained."""
     transformers = pytest.importorskip("transformers")
