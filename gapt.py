@@ -11,6 +11,8 @@ Cycles Improve Generalization", arXiv 2505.08727 (2025).
     torchrun --standalone --nproc_per_node=8 gapt.py --task=text --model=gpt2 \\
         --total_batch_size=524288 --batch_size=32     # 8 GPUs (nccl), or CPU processes (gloo)
     torchrun --nnodes=2 --node_rank=0 --rdzv_endpoint=HOST:29500 --nproc_per_node=8 gapt.py ...
+    python gapt.py --optimizer=muon                  # Muon for the blocks' matrices
+    python gapt.py --task=text --init_from=gpt2      # GAPT on GPT-2's pretrained weights
     python gapt.py --task=forgetting                 # the forgetting toy: an MLP, seconds
     python gapt.py --compare=memorize,gapt --seeds=3 # both arms x 3 seeds: table, out/<task>.png
     python gapt.py --bench                           # ms/step: memorise, compress, a plain loop
@@ -55,7 +57,8 @@ CONFIG = [
     ("phase_mode", "gapt", "gapt (switch phases) | memorize (CE only: the baseline) | compress (CE "
                            "+ MBE always)"),
     ("out_dir", "out", "log.jsonl, config.json, ckpt.pt and curves.png go here"),
-    ("init_from", "scratch", "scratch | resume (continue from out_dir/ckpt.pt)"),
+    ("init_from", "scratch", "scratch | resume (out_dir/ckpt.pt) | gpt2[-medium|-large|-xl] (--task=text)"),
+    ("weights", "", "--init_from=gpt2*: model.safetensors, pytorch_model.bin or their folder (none: download)"),
     ("seed", 1337, "seeds the model init, the data stream and dropout"),
     ("device", "auto", "auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps"),
     ("dtype", "auto", "auto (bfloat16 on cuda if supported, else float32) | float32 | bfloat16 | "
@@ -119,6 +122,9 @@ CONFIG = [
     ("weight_decay", 0.1, "AdamW decay, on 2-D weights only"),
     ("beta1", 0.9, "AdamW beta1"),
     ("beta2", 0.99, "AdamW beta2"),
+    ("optimizer", "adamw", "adamw | muon (Muon for the blocks' weight matrices, AdamW for the rest)"),
+    ("muon_lr", 0.02, "--optimizer=muon: Muon's peak learning rate (scheduled as --learning_rate)"),
+    ("muon_weight_decay", 0.0, "--optimizer=muon: Muon's decoupled weight decay"),
     ("grad_clip", 1.0, "clip the gradient norm to this (0 = off)"),
     "evaluation and logging",
     ("eval_interval", 250, "steps between evaluations and checkpoints (0 = none but the last "
@@ -137,9 +143,10 @@ CONFIG = [
 DEFAULTS = {c[0]: c[1] for c in CONFIG if isinstance(c, tuple)}   # a string heads a group of flags
 CHOICES = {"task": ("arithmetic", "text", "forgetting"),
            "phase_mode": ("gapt", "memorize", "compress"),
-           "init_from": ("scratch", "resume"), "dtype": ("auto", "float32", "bfloat16", "float16"),
+           "init_from": ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"),
+           "dtype": ("auto", "float32", "bfloat16", "float16"),
            "compile": ("auto", "on", "off"), "read_lag": ("auto", "0", "1"),
-           "model": ("tiny", "small", "gpt2")}
+           "model": ("tiny", "small", "gpt2"), "optimizer": ("adamw", "muon")}
 PRESETS = {"tiny": (4, 4, 128), "small": (6, 6, 384), "gpt2": (12, 12, 768)}
 
 
@@ -240,6 +247,7 @@ def resolve(cfg):
         raise ConfigError(f"--block_size={cfg['block_size']} is not divisible by "
                           f"--patch_size={cfg['patch_size']}")
     cfg["vocab_size"] = TASKS[cfg["task"]].vocab_size
+    cfg.setdefault("vocab_real", 0)   # GPT-2's weights set it: ids from it on are padding
     cfg["layers"] = mbe_layer_ids(cfg["mbe_layers"], cfg["n_layer"])
     return cfg
 
@@ -260,9 +268,9 @@ def mbe_layer_ids(spec, n_layer):
 
 
 # -----------------------------------------------------------------------------
-# Model: GPT-2 as in nanoGPT. Parameter names follow Hugging Face's GPT-2 so
-# weights can be loaded by name; the forward pass also returns the residual
-# stream after every block, the representations whose entropy GAPT compresses.
+# Model: GPT-2 as in nanoGPT. Parameter names follow Hugging Face's GPT-2, so its
+# weights load by name (--init_from=gpt2, load_gpt2 below); the forward pass also returns
+# the residual stream after every block, the representations whose entropy GAPT compresses.
 
 
 @dataclass
@@ -274,6 +282,7 @@ class GPTConfig:
     vocab_size: int = 50257
     dropout: float = 0.0
     bias: bool = True
+    vocab_real: int = 0   # ids >= vocab_real are padding (logit -inf); 0: every id is a token
 
 
 class CausalSelfAttention(nn.Module):
@@ -354,6 +363,8 @@ class GPT(nn.Module):
             x = block(x)
             hs.append(x)
         logits = self.lm_head(self.transformer.ln_f(x))
+        if self.config.vocab_real:   # GPT-2's zero padding rows give logit 0, far above its real
+            logits[..., self.config.vocab_real:] = float("-inf")   # ones: no probability there
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
@@ -362,6 +373,100 @@ class GPT(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())   # tied weights are counted once
+
+
+GPT2_SIZES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
+              "gpt2-xl": (48, 25, 1600)}   # (n_layer, n_head, n_embd): the Hugging Face checkpoints
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def gpt2_file(name, path):
+    """The weights file: --weights (a file, or a folder holding one), else downloaded."""
+    if not path:
+        try:
+            from huggingface_hub import hf_hub_download
+        except ImportError:
+            raise ConfigError(f"--init_from={name}: pip install huggingface_hub, "
+                              "or pass --weights=PATH to a local copy") from None
+        try:
+            hf_hub_download(f"openai-community/{name}", "config.json")   # beside them: n_head
+            return hf_hub_download(f"openai-community/{name}", "model.safetensors")
+        except Exception as e:
+            raise ConfigError(f"--init_from={name}: download failed ({type(e).__name__}); pass "
+                              "--weights=PATH to a local copy") from None
+    for f in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, f)):
+            return os.path.join(path, f)
+    if not os.path.isfile(path):
+        raise ConfigError(f"--weights={path}: no such file, "
+                          "nor a folder with model.safetensors or pytorch_model.bin")
+    return path
+
+
+def gpt2_heads(config, name, n_layer, n_embd):
+    """n_head, which the tensors do not show: from config.json beside the weights, else by name."""
+    if not os.path.isfile(config):
+        if (n_layer, n_embd) != GPT2_SIZES[name][::2]:
+            raise ConfigError(f"{config} is missing and the weights are not {name}'s size: it gives n_head")
+        return GPT2_SIZES[name][1]
+    try:
+        with open(config) as f:
+            return int(json.load(f)["n_head"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{config}: no n_head in it ({type(e).__name__})") from None
+
+
+def load_gpt2(cfg):
+    """Hugging Face GPT-2's state dict, as saved but for the "transformer." prefix (fit_gpt2 makes it
+    this model's). Sets cfg's n_layer, n_head, n_embd from the weights and the config.json beside
+    them; nothing is written."""
+    name = cfg["init_from"]
+    if cfg["task"] != "text":
+        raise ConfigError(f"--init_from={name} needs --task=text (GPT-2's vocabulary)")
+    path = gpt2_file(name, cfg["weights"])
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        skip = (".attn.bias", ".attn.masked_bias", "lm_head.weight")   # causal-mask buffers; tied to wte
+        sd = {k.removeprefix("transformer."): v.float() for k, v in sd.items() if not k.endswith(skip)}
+        vocab, n_embd = sd["wte.weight"].shape
+        n_layer = len({k.split(".")[1] for k in sd if k.startswith("h.")})
+    except ImportError:
+        raise ConfigError(f"--weights={path}: pip install safetensors to read it") from None
+    except Exception as e:
+        raise ConfigError(f"--weights={path}: not a GPT-2 checkpoint ({type(e).__name__})") from None
+    n_head = gpt2_heads(os.path.join(os.path.dirname(path), "config.json"), name, n_layer, n_embd)
+    if vocab != 50257 or n_embd % n_head:
+        raise ConfigError(f"--weights={path}: {vocab} tokens, {n_embd} wide, {n_head} heads: "
+                          "not a GPT-2 shape")
+    for key, v in (("n_layer", n_layer), ("n_head", n_head), ("n_embd", n_embd)):
+        if cfg[key] not in (0, v):
+            raise ConfigError(f"--{key}={cfg[key]}: the weights have {v}")
+        cfg[key] = v
+    cfg["vocab_real"] = vocab   # in the checkpoint's config: a resumed run masks the padding too
+    return sd
+
+
+def fit_gpt2(model, sd):
+    """Load GPT-2's state dict into model: wte padded with zero rows to the model's vocabulary (the
+    padded logits are masked, GPTConfig.vocab_real), wpe cut to its context. Returns the model."""
+    c = model.config
+    wte, wpe = sd["wte.weight"], sd["wpe.weight"]
+    if c.block_size > len(wpe):
+        raise ConfigError(f"--block_size={c.block_size}: the GPT-2 weights have {len(wpe)} positions")
+    sd = {("transformer." + k): (v.t() if k.endswith(CONV1D) else v) for k, v in sd.items()}
+    wte = F.pad(wte, (0, 0, 0, c.vocab_size - len(wte)))   # (vocab_size, n_embd), zero rows at the end
+    sd["transformer.wte.weight"] = sd["lm_head.weight"] = wte
+    sd["transformer.wpe.weight"] = wpe[: c.block_size]
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:   # a missing, extra or misshapen tensor
+        raise ConfigError(f"--init_from: the weights do not fit this GPT "
+                          f"({str(e).splitlines()[-1].strip()[:80]})") from None
+    return model
 
 # -----------------------------------------------------------------------------
 # Matrix-based entropy (MBE). For N token representations Z (N, D) the Gram
@@ -635,20 +740,75 @@ def setup_device(cfg):
     return device, ctx, scaler, (ddp, rank, world)
 
 
-def build(cfg, device):
-    """The GPT, initialised from --seed, and its optimizer."""
+def build(cfg, device, gpt2=None):
+    """The GPT, initialised from --seed or from GPT-2's state dict gpt2 (load_gpt2), and its
+    optimizer."""
     torch.manual_seed(cfg["seed"])
-    model = GPT(GPTConfig(**{k: cfg[k] for k in GPTConfig.__dataclass_fields__})).to(device)
+    model = GPT(GPTConfig(**{k: cfg[k] for k in GPTConfig.__dataclass_fields__}))
+    model = (fit_gpt2(model, gpt2) if gpt2 else model).to(device)
     return model, make_optimizer(model, cfg, device)
 
 
 def make_optimizer(model, cfg, device):
-    """AdamW with weight decay on 2-D weights only (not biases, LayerNorms)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
-                             fused=device.type == "cuda")
+    """AdamW with weight decay on 2-D weights only (not biases, LayerNorms). With --optimizer=muon,
+    the blocks' attention and MLP matrices go to Muon (orthogonalised momentum, as in the paper's
+    modded-nanogpt runs) and the rest (tied embedding/head, positions, biases, norms) to AdamW."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    muon = cfg["optimizer"] == "muon"
+    to_muon = [p for n, p in named if muon and n.startswith("transformer.h.") and p.dim() == 2]
+    rest = [p for _, p in named if all(p is not q for q in to_muon)]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    adamw = torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
+                              fused=device.type == "cuda")
+    if not muon:
+        return adamw
+    if cfg["muon_lr"] <= 0 or cfg["muon_weight_decay"] < 0:
+        raise ConfigError("--muon_lr must be positive and --muon_weight_decay >= 0")
+    if not hasattr(torch.optim, "Muon"):
+        raise ConfigError(f"--optimizer=muon needs torch >= 2.9 (torch.optim.Muon); "
+                          f"this is torch {torch.__version__}")
+    scale = cfg["muon_lr"] / cfg["learning_rate"]   # train(): lr = get_lr(step) * lr_scale
+    return Optimizers([torch.optim.Muon([{"params": to_muon, "lr_scale": scale}], lr=cfg["muon_lr"],
+                                        weight_decay=cfg["muon_weight_decay"]), adamw])
+
+
+class Optimizers:
+    """Muon and AdamW driven as one: GradScaler (unscale_, the inf check, step), update()'s skip
+    and the checkpoint see one param_groups list, one step() and one state dict."""
+
+    def __init__(self, opts):
+        self.opts = opts
+
+    @property
+    def param_groups(self):
+        return [g for o in self.opts for g in o.param_groups]
+
+    def step(self):
+        for o in self.opts:
+            o.step()
+
+    def zero_grad(self, set_to_none=True):
+        for o in self.opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"optimizers": [o.state_dict() for o in self.opts]}
+
+    def load_state_dict(self, sd):
+        scales = [g.get("lr_scale") for g in self.param_groups]   # the command line's, like the schedule
+        for o, s in zip(self.opts, sd["optimizers"], strict=True):
+            o.load_state_dict(s)
+        for g, s in zip(self.param_groups, scales):
+            g["lr_scale"] = s
+
+
+def describe(optimizer):
+    """For the run log: each optimizer's peak lr, weight decay (of its 2-D weights), parameters."""
+    return " + ".join(f"{type(o).__name__} (lr {o.defaults['lr']:g}, "
+                      f"weight decay {o.param_groups[0]['weight_decay']:g}, "
+                      f"{sum(p.numel() for g in o.param_groups for p in g['params']):,} parameters)"
+                      for o in getattr(optimizer, "opts", [optimizer]))
 
 
 def get_lr(step, cfg):
@@ -701,6 +861,7 @@ def train(cfg):
     device, ctx, scaler, (ddp, rank, world) = setup_device(cfg)
     master = rank == 0
     ck = load_checkpoint(cfg, master) if cfg["init_from"] == "resume" else None   # sets model, data
+    gpt2 = load_gpt2(cfg) if cfg["init_from"] in GPT2_SIZES else None   # sets the model's shape
     cfg = resolve(cfg)
     B, T, W = cfg["batch_size"], cfg["block_size"], cfg["mbe_weight"]
     micro_tokens = B * T * world
@@ -710,7 +871,7 @@ def train(cfg):
                           f" * processes = {micro_tokens}")
     accum = total // micro_tokens
     loader, evals = make_data(cfg, rank, world)   # before anything is written: bad input
-    raw, optimizer = build(cfg, device)   # raw: uncompiled and unwrapped, what checkpoints hold
+    raw, optimizer = build(cfg, device, gpt2)   # raw: uncompiled, unwrapped: what checkpoints hold
     ctrl, phase = controller(cfg)
     step, pending = 0, deque()            # pending: steps launched, not yet seen by the controller
     if ck:
@@ -730,6 +891,7 @@ def train(cfg):
     log = open_run(cfg, master, step if ck else None)
     log.print(f"torch {torch.__version__} | device {device} | dtype {cfg['dtype']} | processes "
               f"{world} | {raw.num_params():,} parameters | MBE on layers {cfg['layers']}")
+    log.print(f"optimizer: {describe(optimizer)}")
     log.print(f"batch: {total:,} tokens/step = {B} seqs x {T} tokens x {world} processes x "
               f"{accum} accumulation steps")
     if step == 0 and cfg["eval_interval"] and master:
@@ -742,7 +904,7 @@ def train(cfg):
     while step < cfg["max_iters"]:
         t0, lr = time.time(), get_lr(step, cfg)
         for g in optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * (g.get("lr_scale") or 1.0)   # Muon keeps its own peak (make_optimizer)
         stats = torch.zeros(3, device=device)    # CE, M, phase: means over micro-batches and ranks
         for micro in range(accum):
             x, y = (t.pin_memory().to(device, non_blocking=True) if device.type == "cuda"
@@ -909,7 +1071,11 @@ def load_checkpoint(cfg, master):
     if given and master:
         print("resume: the checkpoint's values replace " +
               ", ".join(f"--{k}={cfg[k]} (now {ck['config'][k]})" for k in given))
-    cfg.update({k: ck["config"][k] for k in RESUMED})
+    cfg.update({k: ck["config"][k] for k in RESUMED}, vocab_real=ck["config"].get("vocab_real", 0))
+    trained = ck["config"].get("optimizer", "adamw")   # another optimizer's state would not load
+    if cfg["optimizer"] != trained:
+        raise ConfigError(f"--optimizer={cfg['optimizer']}: the checkpoint was trained with "
+                          f"--optimizer={trained}; resume with that")
     if cfg["max_iters"] < ck["step"]:
         raise ConfigError(f"--max_iters={cfg['max_iters']}: the checkpoint is at step {ck['step']} "
                           f"already; give a larger --max_iters to train on")
@@ -1276,8 +1442,9 @@ def compare(cfg):
             print(f"=== {arm}, seed {cfg['seed'] + s} -> {out}", flush=True)
             resume = cfg["init_from"] == "resume" and os.path.exists(os.path.join(out, "ckpt.pt"))
             try:
+                fresh = "scratch" if cfg["init_from"] == "resume" else cfg["init_from"]   # or gpt2
                 run(dict(cfg, phase_mode=arm, seed=cfg["seed"] + s, out_dir=out, compare="",
-                         init_from="resume" if resume else "scratch"))
+                         init_from="resume" if resume else fresh))
             except ConfigError:   # bad input found by the first run: no out_dir made for nothing
                 if made and os.listdir(cfg["out_dir"]) == [".lock"]:
                     os.remove(lock.name)

@@ -1444,3 +1444,129 @@ def test_a_stalled_rank_stops_the_other_after_dist_timeout(tmp_path):
             p.kill()
             p.wait()
     one_line_error(procs[0].returncode, err, 1, "rank 0", "--dist_timeout=3 s")
+
+# issue 13: --optimizer=muon, and --init_from=gpt2 (Hugging Face GPT-2 weights; needs transformers)
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest(monkeypatch):
+    cfg = gapt.resolve(dict(gapt.DEFAULTS, n_layer=2, n_head=2, n_embd=32, optimizer="muon"))
+    model, opt = gapt.build(cfg, torch.device("cpu"))
+    muon, adamw = opt.opts
+    name = {id(p): n for n, p in model.named_parameters()}
+    in_muon = sorted(name[id(p)] for g in muon.param_groups for p in g["params"])
+    assert in_muon == sorted(n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2)
+    assert len(in_muon) == 2 * 4                                     # c_attn, attn c_proj, c_fc, mlp c_proj
+    in_adamw = {name[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert in_adamw.isdisjoint(in_muon) and len(in_adamw) + len(in_muon) == len(name)
+    assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight"} <= in_adamw
+    assert "Muon (lr 0.02, weight decay 0," in gapt.describe(opt) and "AdamW (lr 0.001" in gapt.describe(opt)
+    monkeypatch.delattr(torch.optim, "Muon")                         # as on torch < 2.9
+    with pytest.raises(gapt.ConfigError, match=r"needs torch >= 2.9"):
+        gapt.make_optimizer(model, cfg, torch.device("cpu"))
+
+
+def test_resume_with_muon_reproduces_uninterrupted_run(tmp_path):
+    a, b = tmp_path / "straight", tmp_path / "resumed"
+    args = [*STEADY, "--optimizer=muon", "--muon_lr=0.01", "--eval_interval=10"]
+    assert run_gapt(*args, "--max_iters=20", f"--out_dir={a}").returncode == 0
+    assert run_gapt(*args, "--max_iters=10", f"--out_dir={b}").returncode == 0
+    r = run_gapt(*args, "--max_iters=20", f"--out_dir={b}", "--init_from=resume")
+    assert r.returncode == 0, r.stderr
+    straight, resumed = without_timing(read_log(a, "train")), without_timing(read_log(b, "train"))
+    assert len(straight) == 20 and {t["phase"] for t in straight} == {1, 2} and straight == resumed
+    muon, adamw = gapt.read_checkpoint(b / "ckpt.pt")["optimizer"]["optimizers"]
+    assert len(muon["state"]) == 3 * 4 and adamw["state"]           # both optimizers' states were saved
+    assert muon["param_groups"][0]["lr"] == pytest.approx(0.01)      # its own peak, not AdamW's 3e-3
+
+
+def test_grad_scaler_skips_and_unscales_muon_and_adamw_together(tmp_path):
+    cfg = gapt.resolve(dict(gapt.DEFAULTS, n_layer=1, n_head=2, n_embd=16, optimizer="muon"))
+    model, opt = gapt.build(cfg, torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)         # fp16's scaler, here on the CPU
+    x, y = torch.randint(cfg["vocab_size"], (2, 4, cfg["block_size"]))
+    for factor, moves in ((math.inf, False), (1.0, True)):           # an overflow: neither optimizer steps
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler.scale(model(x, y)[1] * factor).backward()
+        gapt.update(model, opt, scaler, cfg, torch.tensor([1.0, 0.5, 1.0]))
+        assert [not torch.equal(a, p) for a, p in zip(before, model.parameters())] == [moves] * len(before)
+    assert scaler.get_scale() == 512.0                               # halved once, for the overflow
+    gapt.save_checkpoint(str(tmp_path / "ckpt.pt"), {"model": {}, "optimizer": {}, "gapt": {}, "scaler": {},
+                                                     "step": 1, "config": cfg, "ranks": []})
+    with pytest.raises(gapt.ConfigError, match="trained with --optimizer=muon"):
+        gapt.load_checkpoint(dict(cfg, optimizer="adamw", out_dir=str(tmp_path)), True)
+
+
+def save_tiny_gpt2(path, safetensors=True):
+    """A small random transformers.GPT2LMHeadModel (GPT-2's vocabulary), saved with save_pretrained."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64))
+    hf.save_pretrained(path)
+    if not safetensors:   # the older format (transformers 5 writes safetensors only): a pickled state dict
+        torch.save(hf.state_dict(), path / "pytorch_model.bin")
+        (path / "model.safetensors").unlink()
+    return hf.eval()
+
+
+@pytest.mark.parametrize("safetensors", [True, False])
+def test_gpt2_weights_give_the_logits_of_transformers(tmp_path, safetensors):
+    hf = save_tiny_gpt2(tmp_path, safetensors)
+    assert (tmp_path / ("model.safetensors" if safetensors else "pytorch_model.bin")).is_file()
+    cfg = dict(gapt.DEFAULTS, task="text", init_from="gpt2", weights=str(tmp_path), block_size=64)
+    sd = gapt.load_gpt2(cfg)
+    assert (cfg["n_layer"], cfg["n_head"], cfg["n_embd"]) == (2, 2, 64)   # from the weights and config.json
+    model = gapt.build(gapt.resolve(cfg), torch.device("cpu"), sd)[0].eval()
+    x, y = torch.randint(50257, (2, 2, 64))
+    with torch.no_grad():
+        (ours, ce, _), theirs = model(x, y), hf(x).logits
+    assert ours.shape[-1] == 50304 and (ours[..., :50257] - theirs).abs().max() <= 1e-4
+    assert torch.isneginf(ours[..., 50257:]).all()                  # padding takes no probability:
+    assert ce.item() == pytest.approx(torch.nn.functional.cross_entropy(theirs.flatten(0, 1), y.flatten()).item(),
+                                      abs=1e-4)                     # the same CE as transformers
+    with pytest.raises(gapt.ConfigError, match="64 positions"):      # a context longer than GPT-2's
+        gapt.build(gapt.resolve(dict(cfg, block_size=128)), torch.device("cpu"), sd)
+
+
+def test_gapt_continues_from_gpt2_weights_and_resumes(text_dir, tmp_path):
+    hf = save_tiny_gpt2(tmp_path / "hf")
+    shards, _ = text_dir
+    out = tmp_path / "run"
+    args = ["--task=text", f"--data_dir={shards}", "--block_size=16", "--batch_size=4", "--val_tokens=64",
+            "--eval_interval=3", "--p_m=2", "--p_c=2", "--delta_ce=1", "--tau=10",
+            f"--tokenizer_file={tokenizer_file()}", f"--out_dir={out}"]
+    r = run_gapt(*args, "--max_iters=6", "--init_from=gpt2", f"--weights={tmp_path / 'hf'}")
+    assert r.returncode == 0, r.stderr
+    ck = gapt.read_checkpoint(out / "ckpt.pt")
+    assert (ck["config"]["n_layer"], ck["config"]["n_embd"], ck["config"]["vocab_real"]) == (2, 64, 50257)
+    wpe = hf.transformer.wpe.weight[:16].detach()                    # warmup: 6 steps move it < 1e-3
+    assert (ck["model"]["transformer.wpe.weight"] - wpe).abs().max() < 1e-3
+    r = run_gapt(*args, "--max_iters=8", "--init_from=resume")
+    assert r.returncode == 0, r.stderr
+    assert [t["step"] for t in read_log(out, "train")] == list(range(1, 9))
+    assert {t["phase"] for t in read_log(out, "train")} == {1, 2}
+
+
+def test_gpt2_weights_that_cannot_load_are_one_line_errors(tmp_path, monkeypatch):
+    hf = tmp_path / "hf"
+    save_tiny_gpt2(hf)
+    (hf / "config.json").unlink()                                    # n_head: by name, and it is not gpt2-xl
+    bad = tmp_path / "pytorch_model.bin"
+    torch.save({"h.0.mlp.c_fc.weight": torch.zeros(8, 32)}, bad)      # a state dict, not GPT-2's
+    (tmp_path / "junk.bin").write_bytes(b"not weights")
+    for init, weights, msg in (("gpt2", bad, "not a GPT-2 checkpoint"),
+                               ("gpt2", tmp_path / "junk.bin", "not a GPT-2 checkpoint"),
+                               ("gpt2", tmp_path / "none", "no such file"),
+                               ("gpt2-xl", hf / "model.safetensors", "gives n_head")):
+        with pytest.raises(gapt.ConfigError, match=msg):
+            gapt.load_gpt2(dict(gapt.DEFAULTS, task="text", init_from=init, weights=str(weights)))
+    with pytest.raises(gapt.ConfigError, match="needs --task=text"):
+        gapt.load_gpt2(dict(gapt.DEFAULTS, init_from="gpt2", weights=str(hf)))
+    env = dict(os.environ, HF_HUB_OFFLINE="1")                       # no network: the download fails
+    for flags, msg in (([f"--weights={bad}"], "not a GPT-2 checkpoint"),   # as the user sees them
+                       ([], "--weights=PATH to a local copy")):            # or: not installed
+        r = run_gapt("--task=text", "--init_from=gpt2", *flags, f"--out_dir={tmp_path / 'run'}", env=env)
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "run").exists()
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)        # not installed
+    with pytest.raises(gapt.ConfigError, match="pip install huggingface_hub"):
+        gapt.gpt2_file("gpt2", "")
