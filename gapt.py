@@ -57,8 +57,10 @@ CONFIG = [
     ("phase_mode", "gapt", "gapt (switch phases) | memorize (CE only: the baseline) | compress (CE "
                            "+ MBE always)"),
     ("out_dir", "out", "log.jsonl, config.json, ckpt.pt and curves.png go here"),
-    ("init_from", "scratch", "scratch | resume (out_dir/ckpt.pt) | gpt2[-medium|-large|-xl] (--task=text)"),
-    ("weights", "", "--init_from=gpt2*: model.safetensors, pytorch_model.bin or their folder (none: download)"),
+    ("init_from", "scratch", "scratch | resume (out_dir/ckpt.pt) | gpt2[-medium|-large|-xl] "
+                             "(--task=text)"),
+    ("weights", "", "--init_from=gpt2*: model.safetensors, pytorch_model.bin or their folder "
+                    "(none: download)"),
     ("seed", 1337, "seeds the model init, the data stream and dropout"),
     ("device", "auto", "auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps"),
     ("dtype", "auto", "auto (bfloat16 on cuda if supported, else float32) | float32 | bfloat16 | "
@@ -122,7 +124,7 @@ CONFIG = [
     ("weight_decay", 0.1, "AdamW decay, on 2-D weights only"),
     ("beta1", 0.9, "AdamW beta1"),
     ("beta2", 0.99, "AdamW beta2"),
-    ("optimizer", "adamw", "adamw | muon (Muon for the blocks' weight matrices, AdamW for the rest)"),
+    ("optimizer", "adamw", "adamw | muon (Muon for the blocks' matrices, AdamW for the rest)"),
     ("muon_lr", 0.02, "--optimizer=muon: Muon's peak learning rate (scheduled as --learning_rate)"),
     ("muon_weight_decay", 0.0, "--optimizer=muon: Muon's decoupled weight decay"),
     ("grad_clip", 1.0, "clip the gradient norm to this (0 = off)"),
@@ -407,7 +409,8 @@ def gpt2_heads(config, name, n_layer, n_embd):
     """n_head, which the tensors do not show: from config.json beside the weights, else by name."""
     if not os.path.isfile(config):
         if (n_layer, n_embd) != GPT2_SIZES[name][::2]:
-            raise ConfigError(f"{config} is missing and the weights are not {name}'s size: it gives n_head")
+            raise ConfigError(f"{config} is missing and the weights are not {name}'s size: "
+                              f"it gives n_head")
         return GPT2_SIZES[name][1]
     try:
         with open(config) as f:
@@ -417,7 +420,7 @@ def gpt2_heads(config, name, n_layer, n_embd):
 
 
 def load_gpt2(cfg):
-    """Hugging Face GPT-2's state dict, as saved but for the "transformer." prefix (fit_gpt2 makes it
+    """Hugging Face GPT-2's state dict, as saved but for the "transformer." prefix (fit_gpt2 makes
     this model's). Sets cfg's n_layer, n_head, n_embd from the weights and the config.json beside
     them; nothing is written."""
     name = cfg["init_from"]
@@ -430,14 +433,16 @@ def load_gpt2(cfg):
             sd = load_file(path)
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-        skip = (".attn.bias", ".attn.masked_bias", "lm_head.weight")   # causal-mask buffers; tied to wte
-        sd = {k.removeprefix("transformer."): v.float() for k, v in sd.items() if not k.endswith(skip)}
+        skip = (".attn.bias", ".attn.masked_bias", "lm_head.weight")   # mask buffers; tied to wte
+        sd = {k.removeprefix("transformer."): v.float() for k, v in sd.items()
+              if not k.endswith(skip)}
         vocab, n_embd = sd["wte.weight"].shape
         n_layer = len({k.split(".")[1] for k in sd if k.startswith("h.")})
     except ImportError:
         raise ConfigError(f"--weights={path}: pip install safetensors to read it") from None
     except Exception as e:
-        raise ConfigError(f"--weights={path}: not a GPT-2 checkpoint ({type(e).__name__})") from None
+        kind = type(e).__name__
+        raise ConfigError(f"--weights={path}: not a GPT-2 checkpoint ({kind})") from None
     n_head = gpt2_heads(os.path.join(os.path.dirname(path), "config.json"), name, n_layer, n_embd)
     if vocab != 50257 or n_embd % n_head:
         raise ConfigError(f"--weights={path}: {vocab} tokens, {n_embd} wide, {n_head} heads: "
@@ -456,9 +461,10 @@ def fit_gpt2(model, sd):
     c = model.config
     wte, wpe = sd["wte.weight"], sd["wpe.weight"]
     if c.block_size > len(wpe):
-        raise ConfigError(f"--block_size={c.block_size}: the GPT-2 weights have {len(wpe)} positions")
+        raise ConfigError(f"--block_size={c.block_size}: the GPT-2 weights have {len(wpe)} "
+                          f"positions")
     sd = {("transformer." + k): (v.t() if k.endswith(CONV1D) else v) for k, v in sd.items()}
-    wte = F.pad(wte, (0, 0, 0, c.vocab_size - len(wte)))   # (vocab_size, n_embd), zero rows at the end
+    wte = F.pad(wte, (0, 0, 0, c.vocab_size - len(wte)))   # (vocab_size, n_embd), zero rows last
     sd["transformer.wte.weight"] = sd["lm_head.weight"] = wte
     sd["transformer.wpe.weight"] = wpe[: c.block_size]
     try:
@@ -796,7 +802,7 @@ class Optimizers:
         return {"optimizers": [o.state_dict() for o in self.opts]}
 
     def load_state_dict(self, sd):
-        scales = [g.get("lr_scale") for g in self.param_groups]   # the command line's, like the schedule
+        scales = [g.get("lr_scale") for g in self.param_groups]   # the command line's, as the lr
         for o, s in zip(self.opts, sd["optimizers"], strict=True):
             o.load_state_dict(s)
         for g, s in zip(self.param_groups, scales):
