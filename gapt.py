@@ -828,13 +828,14 @@ def get_lr(step, cfg):
 
 def update(raw, optimizer, scaler, cfg, stats):
     """Clip the gradient and step, unless CE, M (stats[:2]) or the gradient norm is not finite: then
-    the update is skipped (under fp16 the grad scaler skips overflows too). A fused optimizer
-    (AdamW on cuda) skips on the device from a found_inf flag, as under fp16's grad scaler, so the
-    host does not wait for the GPU here; others read the flag on the host. -> (*stats, norm, ok)"""
+    the update is skipped (under fp16 the grad scaler skips overflows too). Fused AdamW (on cuda)
+    skips on the device from a found_inf flag, as under fp16's grad scaler, so the host does not
+    wait for the GPU here; Muon and fp16 read the flag on the host. -> (*stats, norm, ok)"""
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"] or math.inf)
     ok = torch.isfinite(stats[:2]).all() & (torch.isfinite(norm) | scaler.is_enabled())
-    if getattr(optimizer, "_step_supports_amp_scaling", False) and not scaler.is_enabled():
+    fused = all(g.get("fused") for g in optimizer.param_groups)   # as loaded from a checkpoint
+    if fused and not scaler.is_enabled():
         optimizer.grad_scale, optimizer.found_inf = None, (~ok).float()
         optimizer.step()
         del optimizer.grad_scale, optimizer.found_inf
@@ -884,7 +885,8 @@ def train(cfg):
         raw.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         ctrl.load_state_dict(ck["gapt"])
-        scaler.load_state_dict(ck["scaler"])
+        if ck["scaler"]:                  # empty when the run had no fp16 grad scaler
+            scaler.load_state_dict(ck["scaler"])
         step, pending = ck["step"], deque(ck.get("pending", []))
         phase = ctrl.phase if cfg["phase_mode"] == "gapt" else phase
         restore_rank(ck, loader, rank, world)
@@ -894,7 +896,7 @@ def train(cfg):
     if ddp:
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    log = open_run(cfg, master, step if ck else None)
+    log = on_every_rank(lambda: open_run(cfg, master, step if ck else None), ddp)
     log.print(f"torch {torch.__version__} | device {device} | dtype {cfg['dtype']} | processes "
               f"{world} | {raw.num_params():,} parameters | MBE on layers {cfg['layers']}")
     log.print(f"optimizer: {describe(optimizer)}")
@@ -956,10 +958,10 @@ def train(cfg):
                 log.record(kind="eval", step=step, **metrics)
                 log.print(f"eval {step:>5} | " + " | ".join(
                     f"{k} {v:.4f}" for k, v in metrics.items() if not isinstance(v, list)))
-            save(cfg, loader, ddp, world, master, {
+            on_every_rank(lambda: save(cfg, loader, ddp, world, master, {
                 "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                 "gapt": ctrl.state_dict(), "scaler": scaler.state_dict(), "config": cfg,
-                "pending": list(pending)})
+                "pending": list(pending)}), ddp)
     if ddp:   # every rank leaves the process group together, before rank 0 writes the summary
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -967,6 +969,23 @@ def train(cfg):
         summary(cfg, time.time() - t_start, start, switches)
         if cfg["task"] == "text":
             print_samples(raw, evals["val"][0][0], cfg, device)
+
+
+def on_every_rank(fn, ddp):
+    """fn() on this rank. Under torchrun an error on rank 0 alone (its lock, its files, a full
+    disk) is raised on every rank, so that none is left waiting for it in a collective."""
+    err, out = None, None
+    try:
+        out = fn()
+    except (ConfigError, TrainingError) as e:
+        err = e
+    if ddp:
+        box = [err]
+        torch.distributed.broadcast_object_list(box, src=0)
+        err = err or box[0]
+    if err:
+        raise err
+    return out
 
 
 def all_mean(t, ddp, world):
@@ -1077,7 +1096,8 @@ def load_checkpoint(cfg, master):
     if given and master:
         print("resume: the checkpoint's values replace " +
               ", ".join(f"--{k}={cfg[k]} (now {ck['config'][k]})" for k in given))
-    cfg.update({k: ck["config"][k] for k in RESUMED}, vocab_real=ck["config"].get("vocab_real", 0))
+    cfg.update({k: ck["config"].get(k, DEFAULTS[k]) for k in RESUMED},
+               vocab_real=ck["config"].get("vocab_real", 0))
     trained = ck["config"].get("optimizer", "adamw")   # another optimizer's state would not load
     if cfg["optimizer"] != trained:
         raise ConfigError(f"--optimizer={cfg['optimizer']}: the checkpoint was trained with "
@@ -1762,9 +1782,11 @@ def main(argv=None):
 
 def interrupted(cfg, argv):
     """The line Ctrl-C prints: where the last checkpoint is and how to go on from it."""
-    if cfg is None or cfg["task"] == "forgetting":
+    if cfg is None or cfg["task"] == "forgetting" or cfg["bench"]:
         return "stopped (Ctrl-C); nothing to resume: run the command again"
-    flags = [a for a in argv if not a.startswith("--init_from")] + ["--init_from=resume"]
+    drop = {i for i, a in enumerate(argv) if a.startswith("--init_from")}
+    drop |= {i + 1 for i in drop if argv[i] == "--init_from"}          # --init_from VALUE
+    flags = [a for i, a in enumerate(argv) if i not in drop] + ["--init_from=resume"]
     again = shlex.join(["python", os.path.relpath(__file__), *flags])
     where = os.path.join(cfg["out_dir"], "*_seed*" if cfg["compare"] else "", "ckpt.pt")
     return f"stopped (Ctrl-C); the last checkpoint is {where} (if one was written); resume: {again}"

@@ -1570,3 +1570,38 @@ def test_gpt2_weights_that_cannot_load_are_one_line_errors(tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)        # not installed
     with pytest.raises(gapt.ConfigError, match="pip install huggingface_hub"):
         gapt.gpt2_file("gpt2", "")
+
+# -----------------------------------------------------------------------------
+# review fixes: a resumed optimizer's fused flag, rank 0's errors under torchrun, the resume line
+
+
+def test_update_follows_the_loaded_groups_fused_flag():
+    # a CPU checkpoint (non-fused AdamW) resumed where AdamW is built fused must not pass found_inf
+    model = torch.nn.Linear(4, 3)
+    plain = torch.optim.AdamW(model.parameters(), lr=0.1)
+    fused = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    fused.load_state_dict(plain.state_dict())          # the groups now say fused=False
+    model(torch.ones(2, 4)).sum().backward()
+    out = gapt.update(model, fused, torch.amp.GradScaler("cpu", enabled=False), {"grad_clip": 1.0},
+                      torch.tensor([1.0, 0.5, 1.0]))
+    assert out[4].item() == 1.0
+
+
+def test_rank_zero_lock_error_stops_every_torchrun_process(tmp_path):
+    # only rank 0 takes the lock; the other rank must not wait for it in a collective
+    out = tmp_path / "run"
+    held = gapt.lock_dir(str(out))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "gapt.py"), "--device=cpu", *TINY, "--max_iters=4", "--dist_timeout=60",
+           f"--out_dir={out}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=HERE)
+    held.close()
+    assert r.returncode != 0 and r.stderr.count("error: --out_dir") == 2, r.stderr[-2000:]
+    assert "Traceback" not in "".join(l for l in r.stderr.splitlines(True) if "error:" in l)
+
+
+def test_ctrl_c_resume_line_drops_a_spaced_init_from_and_bench_has_none():
+    cfg = gapt.parse_args(["--task", "text", "--init_from", "gpt2"])
+    line = gapt.interrupted(cfg, ["--task", "text", "--init_from", "gpt2"])
+    assert line.endswith("--task text --init_from=resume") and "gpt2" not in line
+    assert "nothing to resume" in gapt.interrupted(gapt.parse_args(["--bench"]), ["--bench"])
