@@ -56,7 +56,8 @@ def arith_sample(rng, n, lo, hi):
 def arith_ids(a, b, reverse):
     """Token ids of one problem and the index of its first answer token."""
     prompt, c = f"{a} x {b} = ", str(int(a) * int(b))
-    return [BOS] + [ARITH_STOI[ch] for ch in prompt + (c[::-1] if reverse else c)] + [EOS], 1 + len(prompt)
+    ids = [BOS] + [ARITH_STOI[ch] for ch in prompt + (c[::-1] if reverse else c)] + [EOS]
+    return ids, 1 + len(prompt)
 
 
 def arith_encode(a, b, block_size, reverse, loss="answer"):

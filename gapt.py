@@ -80,7 +80,7 @@ CONFIG = [
     ("n_eval", 512, "problems in each fixed test set (ID and OOD)"),
     ("arith_layout", "padded", "padded (one problem per row) | packed (windows of a stream of "
                                "problems, the author's; --block_size 32)"),
-    ("arith_loss", "answer", "training loss on: answer (tokens) | all (every token); tests: answers"),
+    ("arith_loss", "answer", "training loss on: answer (tokens) | all (tokens); tests: answers"),
     "text task",
     ("data_dir", "data/fineweb10B", "directory with *_train_*.bin and *_val_*.bin shards (data.py)"),
     ("val_tokens", 65536, "fixed validation token budget: the same val tokens at every eval"),
@@ -111,8 +111,9 @@ CONFIG = [
 DEFAULTS = {c[0]: c[1] for c in CONFIG if isinstance(c, tuple)}   # a string heads a group of flags
 CHOICES = {"task": ("arithmetic", "text", "forgetting"), "phase_mode": ("gapt", "memorize", "compress"),
            "init_from": ("scratch", "resume"), "dtype": ("auto", "float32", "bfloat16", "float16"),
-           "compile": ("auto", "on", "off"), "read_lag": ("auto", "0", "1"), "model": ("tiny", "small", "gpt2"),
-           "arith_layout": ("padded", "packed"), "arith_loss": ("answer", "all")}
+           "compile": ("auto", "on", "off"), "read_lag": ("auto", "0", "1"),
+           "model": ("tiny", "small", "gpt2"), "arith_layout": ("padded", "packed"),
+           "arith_loss": ("answer", "all")}
 PRESETS = {"tiny": (4, 4, 128), "small": (6, 6, 384), "gpt2": (12, 12, 768)}
 
 
@@ -212,7 +213,7 @@ def resolve(cfg, vocab_size):
     if cfg["block_size"] == 0:
         if cfg["task"] == "arithmetic" and cfg["arith_layout"] == "packed":
             cfg["block_size"] = 32   # the longest test problem and context: see README
-        elif cfg["task"] == "arithmetic":   # fit the longest problem, rounded up to whole MBE windows
+        elif cfg["task"] == "arithmetic":   # the longest problem, rounded up to whole MBE windows
             from data import arith_len
             need = arith_len(max(cfg["digits_max"], cfg["ood_digits_max"])) - 1
             cfg["block_size"] = -(-need // cfg["patch_size"]) * cfg["patch_size"]
@@ -458,7 +459,8 @@ def make_data(cfg, rank, world):
         if cfg["task"] == "arithmetic":
             return data.Arithmetic(cfg["seed"], cfg["block_size"], (cfg["digits_min"], cfg["digits_max"]),
                                    (cfg["ood_digits_min"], cfg["ood_digits_max"]), cfg["n_eval"],
-                                   cfg["reverse_answer"], rank, cfg["arith_layout"], cfg["arith_loss"])
+                                   cfg["reverse_answer"], rank, cfg["arith_layout"],
+                                   cfg["arith_loss"])
         return data.TokenShards(cfg["data_dir"], cfg["block_size"], cfg["seed"], rank, world)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from None
@@ -790,8 +792,8 @@ def train(cfg):
                                                  "bias", "patch_size", "mbe_layers", "seed", "reverse_answer",
                                                  "digits_min", "digits_max", "ood_digits_min", "ood_digits_max",
                                                  "n_eval")})
-        cfg.update({k: ck["config"].get(k, v) for k, v in (("arith_layout", "padded"),   # older
-                                                           ("arith_loss", "answer"))})   # checkpoints
+        cfg.update({k: ck["config"].get(k, v) for k, v in   # older checkpoints: padded, answer
+                    (("arith_layout", "padded"), ("arith_loss", "answer"))})
     from data import ARITH_VOCAB
     cfg = resolve(cfg, ARITH_VOCAB if cfg["task"] == "arithmetic" else 50304)   # 50257 padded to 64k: faster
     B, T = cfg["batch_size"], cfg["block_size"]

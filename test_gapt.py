@@ -1276,7 +1276,8 @@ def answer_mask(z):
 def test_packed_stream_round_trips_and_masks_only_answers():
     ab = np.array([[12, 7, 0], [34, 8, 5]])
     tok, ans = data.arith_stream(ab, reverse=True)
-    assert data.arith_decode(tok) == "<bos>12 x 34 = 804<eos><bos>7 x 8 = 65<eos><bos>0 x 5 = 0<eos>"
+    assert data.arith_decode(tok) == ("<bos>12 x 34 = 804<eos><bos>7 x 8 = 65<eos>"
+                                      "<bos>0 x 5 = 0<eos>")
     assert data.arith_decode(tok[ans]) == "804<eos>65<eos>0<eos>"
     assert answer_mask(torch.from_numpy(tok)) == ans.tolist()
 
@@ -1311,7 +1312,7 @@ def test_packed_eval_rows_are_one_held_out_problem_each_with_its_answer_at_the_e
             assert data.arith_decode(y[i][tgt]) == str(ab[0, i] * ab[1, i])[::-1] + "<eos>"
             assert "<eos>" in text.split("<bos>")[-2]                 # context: earlier problems
             yp = padded[name][1][i]
-            assert torch.equal(y[i][tgt], yp[yp >= 0])                # the padded layout's problem i
+            assert torch.equal(y[i][tgt], yp[yp >= 0])                # the padded layout's i-th
     held = set(map(tuple, np.hstack([A.id_ab, A.ctx_ab["id"]]).T.tolist()))
     assert len(held) > 400                                        # 512 draws, some twice
     for _ in range(10):                                           # every whole training problem
