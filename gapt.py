@@ -78,8 +78,8 @@ CONFIG = [
     ("ood_digits_max", 3, "largest operand digit count of the out-of-distribution test (paper: 6)"),
     ("reverse_answer", True, "write the product least-significant digit first (learnable in minutes)"),
     ("n_eval", 512, "problems in each fixed test set (ID and OOD)"),
-    ("arith_layout", "padded", "padded (one problem per row) | packed (windows of a stream of "
-                               "problems, the author's; --block_size 32)"),
+    ("arith_layout", "padded", "padded (one problem per row) | packed (the author's: windows of a "
+                               "stream of problems; block_size 32 unless set)"),
     ("arith_loss", "answer", "training loss on: answer (tokens) | all (tokens); tests: answers"),
     "text task",
     ("data_dir", "data/fineweb10B", "directory with *_train_*.bin and *_val_*.bin shards (data.py)"),
