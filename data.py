@@ -53,26 +53,41 @@ def arith_sample(rng, n, lo, hi):
     return rng.integers(low, 10 ** d, dtype=np.int64)   # (2, n)
 
 
-def arith_encode(a, b, block_size, reverse):
-    """Token ids of a batch of problems.
+def arith_ids(a, b, reverse):
+    """Token ids of one problem and the index of its first answer token."""
+    prompt, c = f"{a} x {b} = ", str(int(a) * int(b))
+    ids = [BOS] + [ARITH_STOI[ch] for ch in prompt + (c[::-1] if reverse else c)] + [EOS]
+    return ids, 1 + len(prompt)
+
+
+def arith_encode(a, b, block_size, reverse, loss="answer"):
+    """Token ids of a batch of problems, one per row at position 0, padded.
     Returns x, y: (n, block_size) int64; y[i, t] is the target for x[i, t], or -1
-    on every position that is not an answer digit or the closing <eos> (the loss
-    and all metrics are on the answer only, minGPT-adder style)."""
+    on every position that is not an answer digit or the closing <eos> (loss="answer":
+    minGPT-adder style) or that follows the <eos> (loss="all")."""
     n = a.shape[0]
     seq = np.full((n, block_size + 1), PAD, dtype=np.int64)
     tgt = np.full((n, block_size + 1), -1, dtype=np.int64)
     for i in range(n):
-        c = str(int(a[i]) * int(b[i]))
-        prompt = f"{a[i]} x {b[i]} = "
-        answer = c[::-1] if reverse else c
-        ids = [BOS] + [ARITH_STOI[ch] for ch in prompt + answer] + [EOS]
+        ids, start = arith_ids(a[i], b[i], reverse)
         if len(ids) > block_size + 1:
-            raise ValueError(f"problem '{prompt}{c}' needs block_size >= {len(ids) - 1}, "
+            raise ValueError(f"problem '{arith_decode(ids)}' needs block_size >= {len(ids) - 1}, "
                              f"got {block_size}")
         seq[i, :len(ids)] = ids
-        start = 1 + len(prompt)                        # first answer token in seq
+        start = 1 if loss == "all" else start
         tgt[i, start:len(ids)] = ids[start:]
     return torch.from_numpy(seq[:, :-1].copy()), torch.from_numpy(tgt[:, 1:].copy())
+
+
+def arith_stream(ab, reverse):
+    """The author's packed layout: problems ab (2, n) concatenated into one stream.
+    Returns tokens (N,) int64 and answer (N,) bool, True on every answer digit and <eos>."""
+    tokens, answer = [], []
+    for a, b in ab.T:
+        ids, start = arith_ids(a, b, reverse)
+        tokens += ids
+        answer += [False] * start + [True] * (len(ids) - start)
+    return np.array(tokens, dtype=np.int64), np.array(answer)
 
 
 EVAL_SEED = 20250513   # fixed: every run, whatever its --seed, is tested on the same problems
@@ -97,11 +112,15 @@ class Resumable:
 class Arithmetic(Resumable):
     """Training batches from a seeded generator plus fixed held-out ID and OOD sets.
     The held-out ID problems are excluded from training, so ID accuracy measures
-    generalization to unseen problems of the trained sizes, OOD to larger sizes."""
+    generalization to unseen problems of the trained sizes, OOD to larger sizes.
+    layout="padded": one problem per row at position 0. layout="packed" (the author's):
+    rows are windows of a stream of problems, as on text; the training stream is drawn
+    lazily, a fresh stretch per row, and its loss is on every token or on the answers only."""
 
     def __init__(self, seed, block_size, train_digits=(1, 2), ood_digits=(3, 3),
-                 n_eval=512, reverse=True, rank=0):
+                 n_eval=512, reverse=True, rank=0, layout="padded", loss="answer"):
         self.block_size, self.reverse, self.train_digits = block_size, reverse, train_digits
+        self.layout, self.loss = layout, loss
         digits = max(train_digits[1], ood_digits[1])
         if block_size < (need := arith_len(digits) - 1):
             raise ValueError(f"arithmetic with {digits}-digit operands needs "
@@ -109,7 +128,12 @@ class Arithmetic(Resumable):
         ev = np.random.default_rng(EVAL_SEED)          # the same test problems for every run seed
         self.id_ab = arith_sample(ev, n_eval, *train_digits)
         self.ood_ab = arith_sample(ev, n_eval, *ood_digits)
-        self.held_out = np.unique(arith_key(*self.id_ab))
+        # packed: the test streams start with unscored problems (>= 10 tokens each), so that
+        # every scored problem has a full window of context before it
+        n_ctx = -(-block_size // 10) if layout == "packed" else 0
+        self.ctx_ab = {"id": arith_sample(ev, n_ctx, *train_digits),
+                       "ood": arith_sample(ev, n_ctx, *ood_digits)}
+        self.held_out = np.unique(arith_key(*np.hstack([self.id_ab, self.ctx_ab["id"]])))
         lo, hi = train_digits
         n_pairs = (10**hi - (0 if lo == 1 else 10 ** (lo - 1))) ** 2   # distinct training problems
         if 2 * len(self.held_out) > n_pairs:   # else batch() would resample (nearly) forever
@@ -118,19 +142,42 @@ class Arithmetic(Resumable):
                              "larger operands")
         self.rng = np.random.default_rng([seed, rank])   # each DDP rank draws its own problems
 
-    def batch(self, n):
-        """(x, y) of n fresh training problems, none of them in the ID test set."""
+    def problems(self, n):
+        """(2, n) fresh training operands, none of them held out."""
         ab = arith_sample(self.rng, n, *self.train_digits)
         bad = np.isin(arith_key(*ab), self.held_out)
         while bad.any():                               # resample held-out pairs
             ab[:, bad] = arith_sample(self.rng, int(bad.sum()), *self.train_digits)
             bad = np.isin(arith_key(*ab), self.held_out)
-        return arith_encode(ab[0], ab[1], self.block_size, self.reverse)
+        return ab
+
+    def batch(self, n):
+        """(x, y) of n rows: n fresh problems, or n windows of the training stream."""
+        if self.layout == "padded":
+            return arith_encode(*self.problems(n), self.block_size, self.reverse, self.loss)
+        T, m = self.block_size, -(-(2 * self.block_size + 1) // 10)   # m problems >= 2T+1 tokens
+        tok, ans = arith_stream(self.problems(n * m), self.reverse)      # row i: problems i*m..
+        first = np.flatnonzero(tok == BOS)[::m]                          # (n,) each row's start
+        ix = first[:, None] + self.rng.integers(0, T + 1, (n, 1)) + np.arange(T + 1)   # (n, T+1)
+        y = np.where(ans[ix] | (self.loss == "all"), tok[ix], -1)
+        return torch.from_numpy(tok[ix[:, :-1]]), torch.from_numpy(y[:, 1:])
 
     def eval_sets(self):
-        """{"id": (x, y), "ood": (x, y)}: the fixed test problems."""
-        return {"id": arith_encode(*self.id_ab, self.block_size, self.reverse),
-                "ood": arith_encode(*self.ood_ab, self.block_size, self.reverse)}
+        """{"id": (x, y), "ood": (x, y)}: the fixed test problems. Packed: row i is the window
+        of the test stream that ends with problem i's <eos>, its targets that problem's answer
+        (-1 elsewhere); the context before it is earlier problems of the same test set."""
+        if self.layout == "padded":
+            return {"id": arith_encode(*self.id_ab, self.block_size, self.reverse),
+                    "ood": arith_encode(*self.ood_ab, self.block_size, self.reverse)}
+        out = {}
+        for name, ab in (("id", self.id_ab), ("ood", self.ood_ab)):
+            tok, ans = arith_stream(np.hstack([self.ctx_ab[name], ab]), self.reverse)
+            eos = np.flatnonzero(tok == EOS)[len(self.ctx_ab[name][0]) - 1:]   # (n_eval + 1,)
+            ix = eos[1:, None] - self.block_size + np.arange(self.block_size + 1)   # (n, T+1)
+            own = ans[ix] & (ix > eos[:-1, None])       # answer tokens after the previous <eos>
+            out[name] = (torch.from_numpy(tok[ix[:, :-1]]),
+                         torch.from_numpy(np.where(own, tok[ix], -1)[:, 1:]))
+        return out
 
 
 def arith_decode(ids):

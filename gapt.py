@@ -104,6 +104,9 @@ CONFIG = [
     ("reverse_answer", True, "write the product least-significant digit first (learnable in "
                              "minutes)"),
     ("n_eval", 512, "problems in each fixed test set (ID and OOD)"),
+    ("arith_layout", "padded", "padded (one problem per row) | packed (the author's: windows of a "
+                               "stream of problems; block_size 32 unless set)"),
+    ("arith_loss", "answer", "training loss on: answer (tokens) | all (tokens); tests: answers"),
     "text task",
     ("data_dir", "data/fineweb10B", "directory with *_train_*.bin and *_val_*.bin shards "
                                     "(data.py)"),
@@ -148,7 +151,8 @@ CHOICES = {"task": ("arithmetic", "text", "forgetting"),
            "init_from": ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"),
            "dtype": ("auto", "float32", "bfloat16", "float16"),
            "compile": ("auto", "on", "off"), "read_lag": ("auto", "0", "1"),
-           "model": ("tiny", "small", "gpt2"), "optimizer": ("adamw", "muon")}
+           "model": ("tiny", "small", "gpt2"), "optimizer": ("adamw", "muon"),
+           "arith_layout": ("padded", "packed"), "arith_loss": ("answer", "all")}
 PRESETS = {"tiny": (4, 4, 128), "small": (6, 6, 384), "gpt2": (12, 12, 768)}
 
 
@@ -597,7 +601,7 @@ def arithmetic_data(cfg, rank, world):
     """Multiplication problems drawn on the fly, and the fixed ID and OOD test sets."""
     d = data.Arithmetic(cfg["seed"], cfg["block_size"], (cfg["digits_min"], cfg["digits_max"]),
                         (cfg["ood_digits_min"], cfg["ood_digits_max"]), cfg["n_eval"],
-                        cfg["reverse_answer"], rank)
+                        cfg["reverse_answer"], rank, cfg["arith_layout"], cfg["arith_loss"])
     B = cfg["batch_size"]
     return d, {name: list(zip(x.split(B), y.split(B))) for name, (x, y) in d.eval_sets().items()}
 
@@ -613,7 +617,9 @@ def text_data(cfg, rank, world):
 
 
 def arithmetic_context(cfg):
-    """The longest problem (ID or OOD), rounded up to whole MBE windows."""
+    """Padded: the longest problem (ID or OOD), rounded up to whole MBE windows."""
+    if cfg["arith_layout"] == "packed":
+        return 32   # windows of the stream: the longest test problem and some context (README)
     need = data.arith_len(max(cfg["digits_max"], cfg["ood_digits_max"])) - 1
     return -(-need // cfg["patch_size"]) * cfg["patch_size"]
 
@@ -1073,7 +1079,7 @@ def read_checkpoint(path):
 # on resume the model and the data are the checkpoint's; the schedule and logging the command line's
 RESUMED = ("task", "model", "n_layer", "n_head", "n_embd", "block_size", "bias", "patch_size",
            "mbe_layers", "seed", "reverse_answer", "digits_min", "digits_max", "ood_digits_min",
-           "ood_digits_max", "n_eval")
+           "ood_digits_max", "n_eval", "arith_layout", "arith_loss")
 
 
 def load_checkpoint(cfg, master):

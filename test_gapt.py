@@ -1605,3 +1605,94 @@ def test_ctrl_c_resume_line_drops_a_spaced_init_from_and_bench_has_none():
     line = gapt.interrupted(cfg, ["--task", "text", "--init_from", "gpt2"])
     assert line.endswith("--task text --init_from=resume") and "gpt2" not in line
     assert "nothing to resume" in gapt.interrupted(gapt.parse_args(["--bench"]), ["--bench"])
+
+# -----------------------------------------------------------------------------
+# issue 14: the arithmetic task in the author's packed layout (--arith_layout=packed)
+
+
+def answer_mask(z):
+    """For each token of z, read from the text: is it an answer digit or <eos> (the tokens after
+    '= ' up to <eos>)? None before z's first <bos>, where a problem may be cut."""
+    mask, state, prev = [], None, None
+    for t in z.tolist():
+        if t == data.BOS:
+            state = False
+        mask.append(state)
+        if state and t == data.EOS:
+            state = False
+        elif state is False and prev == data.ARITH_STOI["="] and t == data.ARITH_STOI[" "]:
+            state = True                                          # the answer starts after '= '
+        prev = t
+    return mask
+
+
+def test_packed_stream_round_trips_and_masks_only_answers():
+    ab = np.array([[12, 7, 0], [34, 8, 5]])
+    tok, ans = data.arith_stream(ab, reverse=True)
+    assert data.arith_decode(tok) == ("<bos>12 x 34 = 804<eos><bos>7 x 8 = 65<eos>"
+                                      "<bos>0 x 5 = 0<eos>")
+    assert data.arith_decode(tok[ans]) == "804<eos>65<eos>0<eos>"
+    assert answer_mask(torch.from_numpy(tok)) == ans.tolist()
+
+
+def test_packed_windows_are_stream_windows_with_answer_or_all_targets():
+    A = data.Arithmetic(0, 32, layout="packed", loss="answer")
+    B = data.Arithmetic(0, 32, layout="packed", loss="all")
+    (x, y), (xb, yb) = A.batch(64), B.batch(64)                  # the same draws
+    assert x.shape == y.shape == (64, 32) and torch.equal(x, xb)
+    assert torch.equal(yb[:, :-1], x[:, 1:])                      # all: the next token everywhere
+    starts = {data.arith_decode(r)[:8] for r in x}
+    assert len(starts) > 32                                       # windows start anywhere
+    for xr, ya, yr in zip(x, y, yb):
+        mask = answer_mask(torch.cat([xr[:1], yr]))[1:]           # is each target an answer token?
+        for t, m in enumerate(mask):
+            if m is not None:
+                assert (ya[t] >= 0) == m and (not m or ya[t] == yr[t]), data.arith_decode(xr)
+
+
+def test_packed_eval_rows_are_one_held_out_problem_each_with_its_answer_at_the_end():
+    A = data.Arithmetic(3, 32, layout="packed")
+    padded = data.Arithmetic(3, 24).eval_sets()
+    for name, (x, y) in A.eval_sets().items():
+        ab = A.id_ab if name == "id" else A.ood_ab
+        assert x.shape == y.shape == (512, 32) and (y[:, -1] == data.EOS).all()
+        for i in range(0, 512, 7):
+            tgt = (y[i] >= 0).nonzero()[:, 0]
+            assert torch.equal(tgt, torch.arange(32 - len(tgt), 32))   # contiguous, at the end
+            text = data.arith_decode(x[i])
+            assert text.split("<bos>")[-1] == f"{ab[0, i]} x {ab[1, i]} = " + \
+                data.arith_decode(y[i][tgt][:-1])                     # its prompt, then the answer
+            assert data.arith_decode(y[i][tgt]) == str(ab[0, i] * ab[1, i])[::-1] + "<eos>"
+            assert "<eos>" in text.split("<bos>")[-2]                 # context: earlier problems
+            yp = padded[name][1][i]
+            assert torch.equal(y[i][tgt], yp[yp >= 0])                # the padded layout's i-th
+    held = set(map(tuple, np.hstack([A.id_ab, A.ctx_ab["id"]]).T.tolist()))
+    assert len(held) > 400                                        # 512 draws, some twice
+    for _ in range(10):                                           # every whole training problem
+        for r in A.batch(256)[0]:
+            for p in data.arith_decode(r).split("<bos>")[1:-1]:
+                assert tuple(int(v) for v in p.split(" = ")[0].split(" x ")) not in held
+
+
+def test_packed_data_state_round_trip():
+    A = data.Arithmetic(0, 32, layout="packed")
+    A.batch(10)
+    s = A.state_dict()
+    first = A.batch(10)
+    A.load_state_dict(s)
+    assert all(torch.equal(a, b) for a, b in zip(A.batch(10), first))
+
+
+def test_packed_run_trains_and_resumes_in_its_layout(tmp_path):
+    out = tmp_path / "pk"
+    r = run_gapt("--arith_layout=packed", "--arith_loss=all", "--max_iters=10", "--eval_interval=5",
+                 "--batch_size=16", "--n_eval=64", f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr
+    ev = read_log(out, "eval")[-1]
+    assert ev["step"] == 10 and 0 < ev["id_ce"] < 5 and 0 <= ev["ood_acc"] <= 1
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["block_size"] == 32 and cfg["arith_loss"] == "all"
+    r = run_gapt("--init_from=resume", "--arith_layout=padded", "--max_iters=12", "--batch_size=16",
+                 "--n_eval=64", f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "config.json").read_text())["arith_layout"] == "packed"
