@@ -304,7 +304,8 @@ class TokenShards(Resumable):
                 check_ids(path, vocab_size)
         for path, n in zip(self.train, self.lengths):
             if n < block_size + 1:
-                raise ValueError(f"{path} has {n} tokens, fewer than block_size + 1 = {block_size + 1}")
+                raise ValueError(f"{path} has {n} tokens, fewer than block_size + 1 = "
+                                 f"{block_size + 1}")
         self.rng = np.random.default_rng([seed, rank])   # each DDP rank draws its own windows
 
     def batch(self, n):
@@ -324,7 +325,7 @@ class TokenShards(Resumable):
         """The first n_tokens of the val shard(s) as consecutive windows, in (x, y) batches:
         a fixed budget, the same every call, so val losses compare across steps and runs."""
         T = self.block_size
-        n = n_tokens // T * T + 1                                # whole windows, +1 for the last target
+        n = n_tokens // T * T + 1                     # whole windows, +1 for the last target
         tokens = np.concatenate([read_shard(p)[:n] for p in self.val])[:n]
         if n_tokens < T:
             raise ValueError(f"fewer than one window of block_size {T} tokens")
