@@ -1409,7 +1409,9 @@ def test_a_flipped_bit_in_a_checkpoint_is_named(tmp_path, capsys):
 def test_ctrl_c_is_one_line_with_the_resume_command_and_exit_130(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, os.path.join(HERE, "gapt.py"), *FAST, "--max_iters=999", f"--out_dir={out}"]
-    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)   # noqa: E731
+    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=default_sigint)   # a suite started in the background ignores it
     for line in p.stdout:
         if line.startswith("step     3"):             # after the step-2 checkpoint
             break
