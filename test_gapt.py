@@ -4,6 +4,7 @@
     python -m pytest -k mbe     # a part
 """
 import errno
+import io
 import json
 import math
 import os
@@ -12,7 +13,7 @@ import socket
 import subprocess
 import sys
 import types
-from contextlib import nullcontext
+from contextlib import nullcontext, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -25,15 +26,25 @@ import data
 import gapt
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+torch.set_num_threads(1)   # the tests' models are tiny: a second thread only waits (2-3x slower on 2 cores)
 TINY = ["--n_layer=3", "--n_head=2", "--n_embd=32", "--batch_size=16", "--log_interval=1"]
 
 
-def run_gapt(*args, timeout=240, env=None):
-    """gapt.py in a subprocess, as a user runs it; on the CPU unless a test names a device
-    (so the suite gives the same results on a machine with a GPU)."""
-    device = [] if any(a.startswith("--device") for a in args) else ["--device=cpu"]
-    return subprocess.run([sys.executable, os.path.join(HERE, "gapt.py"), *args, *device], capture_output=True,
-                          text=True, timeout=timeout, cwd=HERE, env=env)
+def run_gapt(*args, env=None):
+    """`python gapt.py ARGS` as a user runs it: (returncode, stdout, stderr). In this process, so the
+    imports (torch, dynamo, matplotlib: ~8 s a process) are paid once; with env, in a fresh one. On
+    the CPU unless a test names a device (the suite gives the same results on a machine with a GPU)."""
+    argv = [*args, *([] if any(a.startswith("--device") for a in args) else ["--device=cpu"])]
+    if env is not None:
+        return subprocess.run([sys.executable, os.path.join(HERE, "gapt.py"), *argv], capture_output=True,
+                              text=True, timeout=240, cwd=HERE, env=env)
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = gapt.main(argv)
+        except SystemExit as e:   # argparse's --help
+            code = e.code or 0
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 read_log = gapt.read_log   # records of one kind from a run directory's log.jsonl
@@ -573,6 +584,8 @@ def test_ddp_two_cpu_processes_agree_on_phases(tmp_path):
            "--p_m=3", "--p_c=3", "--delta_ce=0.05", "--tau=10", "--eval_interval=15", f"--out_dir={out}"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=HERE)
     assert r.returncode == 0, r.stderr[-2000:]
+    # the ranks leave the process group together, at the end: no rank aborts after a finished run
+    assert "terminate called" not in r.stderr and "SIGABRT" not in r.stderr
     assert "processes 2" in r.stdout and "2 accumulation steps" in r.stdout
     assert r.stdout.count("done: 30 steps") == 1                     # only rank 0 prints
     phases = [t["phase"] for t in read_log(out, "train")]
@@ -977,9 +990,8 @@ B, T, P, D = 64, 24, 8, 128          # the default config's batch: (B*T/P, P, P)
 
 
 def test_bench_runs_and_prints_one_table(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(HERE, "gapt.py"), "--bench", "--device=cpu", "--n_layer=4", "--n_head=2",
-                        "--n_embd=32", "--batch_size=8", "--bench_steps=2", f"--out_dir={tmp_path / 'out'}"],
-                       capture_output=True, text=True, timeout=300, cwd=HERE)
+    r = run_gapt("--bench", "--n_layer=4", "--n_head=2", "--n_embd=32", "--batch_size=8", "--bench_steps=2",
+                 f"--out_dir={tmp_path / 'out'}")
     assert r.returncode == 0, r.stderr
     out = r.stdout
     for line in ("bench: GPT 4 layers x 32", "plain PyTorch", "gapt memorise", "gapt compress", "compress / memorise",
@@ -991,8 +1003,7 @@ def test_bench_runs_and_prints_one_table(tmp_path):
 
 
 def test_bench_refuses_the_forgetting_toy():
-    r = subprocess.run([sys.executable, os.path.join(HERE, "gapt.py"), "--bench", "--task=forgetting"],
-                       capture_output=True, text=True, timeout=120, cwd=HERE)
+    r = run_gapt("--bench", "--task=forgetting")
     assert r.returncode == 2 and "--bench" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -1186,17 +1197,6 @@ def test_resume_with_read_lag_one_reproduces_uninterrupted_run(tmp_path):
     assert r.returncode == 0, r.stderr
     straight, resumed = without_timing(read_log(a, "train")), without_timing(read_log(b, "train"))
     assert len(straight) == 30 and {t["phase"] for t in straight} == {1, 2} and straight == resumed
-
-
-def test_torchrun_exits_cleanly_run_after_run(tmp_path):
-    # the ranks leave the process group together: no rank aborts after a finished run
-    for i in range(3):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.join(HERE, "gapt.py"), "--device=cpu", *TINY, "--batch_size=4", "--max_iters=6",
-               "--eval_interval=3", "--n_eval=32", f"--out_dir={tmp_path / str(i)}"]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=HERE)
-        assert r.returncode == 0 and "done: 6 steps" in r.stdout, r.stderr[-2000:]
-        assert "terminate called" not in r.stderr and "SIGABRT" not in r.stderr
 
 
 # -----------------------------------------------------------------------------
