@@ -52,74 +52,54 @@ import data
 
 CONFIG = [
     "what to run",
-    ("task", "arithmetic", "arithmetic (built in, no download) | text (token shards from data.py) "
-                           "| forgetting (MLP toy)"),
-    ("phase_mode", "gapt", "gapt (switch phases) | memorize (CE only: the baseline) | compress (CE "
-                           "+ MBE always)"),
+    ("task", "arithmetic", "arithmetic (built in) | text (token shards, data.py) | forgetting"),
+    ("phase_mode", "gapt", "gapt (switch) | memorize (CE only: baseline) | compress (CE + MBE)"),
     ("out_dir", "out", "log.jsonl, config.json, ckpt.pt and curves.png go here"),
-    ("init_from", "scratch", "scratch | resume (out_dir/ckpt.pt) | gpt2[-medium|-large|-xl] "
-                             "(--task=text)"),
-    ("weights", "", "--init_from=gpt2*: model.safetensors, pytorch_model.bin or their folder "
-                    "(none: download)"),
+    ("init_from", "scratch", "scratch | resume (out_dir/ckpt.pt) | gpt2[-medium|-large|-xl]"),
+    ("weights", "", "--init_from=gpt2*: model.safetensors or pytorch_model.bin (none: download)"),
     ("seed", 1337, "seeds the model init, the data stream and dropout"),
     ("device", "auto", "auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps"),
-    ("dtype", "auto", "auto (bfloat16 on cuda if supported, else float32) | float32 | bfloat16 | "
-                      "float16 (cuda)"),
-    ("compile", "auto", "torch.compile the model: auto (on for cuda) | on | off"),
-    ("read_lag", "auto", "steps before the host reads a step's CE and M for the controller: "
-                         "auto (1 on cuda, so the GPU never waits; else 0) | 0 | 1"),
+    ("dtype", "auto", "auto (bfloat16 on cuda if supported) | float32 | bfloat16 | float16 (cuda)"),
+    ("compile", "auto", "torch.compile the model and its MBE: auto (on for cuda) | on | off"),
+    ("read_lag", "auto", "steps before the host reads CE and M: auto (1 on cuda, else 0) | 0 | 1"),
     ("dist_timeout", 1800, "torchrun: seconds a process waits for the others, then stops"),
-    ("bench", False, "time memorise and compress steps against a plain PyTorch loop, print a "
-                     "table, train nothing"),
+    ("bench", False, "time memorise and compress steps against a plain loop; train nothing"),
     ("bench_steps", 20, "--bench: timed steps per mode, after 3 warm-up steps"),
     "model",
-    ("model", "tiny", "size preset: tiny (4 layers, 4 heads, 128 wide) | small (6/6/384) | gpt2 "
-                      "(12/12/768, 124M)"),
+    ("model", "tiny", "tiny (4 layers, 4 heads, 128 wide) | small (6/6/384) | gpt2 (12/12/768)"),
     ("n_layer", 0, "transformer blocks (0 = from --model)"),
     ("n_head", 0, "attention heads (0 = from --model)"),
     ("n_embd", 0, "residual width (0 = from --model)"),
-    ("block_size", 0, "context length (0 = task default: arithmetic fits its longest problem, text "
-                      "256 / gpt2 1024)"),
+    ("block_size", 0, "context length (0 = the task's: arithmetic its longest problem, text 256)"),
     ("dropout", 0.0, "dropout probability"),
     ("bias", True, "biases in Linear and LayerNorm layers, as GPT-2"),
     "GAPT: MBE, the IBLM loss and the phase controller",
-    ("mbe_weight", 1.0, "weight of the MBE term in the compression phase: L = CE + mbe_weight * M"),
+    ("mbe_weight", 1.0, "weight of M in the compression phase: L = CE + mbe_weight * M"),
     ("patch_size", 8, "MBE window: entropy of each run of patch_size consecutive tokens"),
-    ("mbe_layers", "inner", "layers whose MBE is compressed: inner (all but first and last; all if "
-                            "< 3 layers) | all | list like 1,2"),
-    ("p_m", 100, "memorisation patience: steps without a CE improvement > delta_ce before "
-                 "compressing"),
-    ("p_c", 50, "compression patience: steps without an MBE improvement > delta_mbe before "
-                "memorising again"),
+    ("mbe_layers", "inner", "layers in M: inner (all but first and last) | all | a list like 1,2"),
+    ("p_m", 100, "memorisation patience: steps without a CE gain > delta_ce, then compress"),
+    ("p_c", 50, "compression patience: steps without an MBE gain > delta_mbe, then memorise"),
     ("delta_ce", 0.01, "CE improvement (nats) that resets the memorisation patience"),
     ("delta_mbe", 0.002, "MBE improvement (nats) that resets the compression patience"),
-    ("tau", 0.1, "CE spike tolerance: compression ends when CE > (1 + tau) * its best in the "
-                 "phase"),
+    ("tau", 0.1, "CE spike: compression ends when CE > (1 + tau) * its best in the phase"),
     "arithmetic task",
     ("digits_min", 1, "smallest operand digit count in training (paper: 1)"),
     ("digits_max", 2, "largest operand digit count in training (paper: 3)"),
-    ("ood_digits_min", 3, "smallest operand digit count of the out-of-distribution test (paper: "
-                          "4)"),
-    ("ood_digits_max", 3, "largest operand digit count of the out-of-distribution test (paper: 6)"),
-    ("reverse_answer", True, "write the product least-significant digit first (learnable in "
-                             "minutes)"),
+    ("ood_digits_min", 3, "smallest operand digit count, out-of-distribution (OOD) test (paper 4)"),
+    ("ood_digits_max", 3, "largest operand digit count, OOD test (paper 6)"),
+    ("reverse_answer", True, "write the product least-significant digit first (learnable fast)"),
     ("n_eval", 512, "problems in each fixed test set (ID and OOD)"),
-    ("arith_layout", "padded", "padded (one problem per row) | packed (the author's: windows of a "
-                               "stream of problems; block_size 32 unless set)"),
+    ("arith_layout", "padded", "padded (a problem a row) | packed (the author's: stream windows)"),
     ("arith_loss", "answer", "training loss on: answer (tokens) | all (tokens); tests: answers"),
     "text task",
-    ("data_dir", "data/fineweb10B", "directory with *_train_*.bin and *_val_*.bin shards "
-                                    "(data.py)"),
-    ("val_tokens", 65536, "fixed validation token budget: the same val tokens at every eval"),
-    ("tokenizer_file", "", "a GPT-2 .tiktoken ranks file, for machines that cannot download the "
-                           "BPE ($GAPT_TOKENIZER_FILE)"),
+    ("data_dir", "data/fineweb10B", "folder of *_train_*.bin and *_val_*.bin shards (data.py)"),
+    ("val_tokens", 65536, "fixed validation budget: the same val tokens at every eval"),
+    ("tokenizer_file", "", "a GPT-2 .tiktoken file, for offline machines ($GAPT_TOKENIZER_FILE)"),
     "forgetting toy",
-    ("forget_m", 0.8, "task A's teacher is theta0 + m * Delta, task B's theta0 - m * Delta (paper: "
-                      "0.8)"),
+    ("forget_m", 0.8, "teachers: A theta0 + m * Delta, B theta0 - m * Delta (paper: 0.8)"),
     "optimisation",
     ("batch_size", 64, "micro-batch size in sequences, per process"),
-    ("total_batch_size", 0, "tokens per optimizer step over all processes (0 = one micro-batch "
-                            "each)"),
+    ("total_batch_size", 0, "tokens per optimizer step, all processes (0 = one micro-batch each)"),
     ("max_iters", 2000, "optimizer steps"),
     ("learning_rate", 1e-3, "peak learning rate (AdamW)"),
     ("min_lr", 1e-4, "learning rate at the end of the cosine decay"),
@@ -128,22 +108,18 @@ CONFIG = [
     ("beta1", 0.9, "AdamW beta1"),
     ("beta2", 0.99, "AdamW beta2"),
     ("optimizer", "adamw", "adamw | muon (Muon for the blocks' matrices, AdamW for the rest)"),
-    ("muon_lr", 0.02, "--optimizer=muon: Muon's peak learning rate (scheduled as --learning_rate)"),
+    ("muon_lr", 0.02, "--optimizer=muon: Muon's peak learning rate (scheduled as the lr)"),
     ("muon_weight_decay", 0.0, "--optimizer=muon: Muon's decoupled weight decay"),
     ("grad_clip", 1.0, "clip the gradient norm to this (0 = off)"),
     "evaluation and logging",
-    ("eval_interval", 250, "steps between evaluations and checkpoints (0 = none but the last "
-                           "checkpoint)"),
+    ("eval_interval", 250, "steps between evals and checkpoints (0 = only the last checkpoint)"),
     ("log_interval", 50, "steps between printed lines (every step goes to log.jsonl)"),
-    ("align_interval", 0, "every K steps log the cosine between grad(CE) and grad(MBE) (0 = off)"),
-    ("max_bad_steps", 3, "stop after this many consecutive steps with a non-finite loss or "
-                         "gradient"),
+    ("align_interval", 0, "every K steps log cos(grad CE, grad MBE) (0 = off)"),
+    ("max_bad_steps", 3, "stop after this many steps in a row with a non-finite loss or gradient"),
     "experiments",
-    ("compare", "", "run these phase modes, e.g. memorize,gapt,compress, x --seeds into out_dir, "
-                    "then a figure"),
+    ("compare", "", "phase modes to run, e.g. memorize,gapt,compress, x --seeds: a table, figures"),
     ("seeds", 3, "seeds per arm for --compare (--seed, --seed+1, ...)"),
-    ("fig", "", "figure path for --compare (default out_dir/<task>.png; cycle.png beside it with "
-                "--align_interval)"),
+    ("fig", "", "--compare's figure (default out_dir/<task>.png; cycle.png beside it)"),
 ]
 DEFAULTS = {c[0]: c[1] for c in CONFIG if isinstance(c, tuple)}   # a string heads a group of flags
 CHOICES = {"task": ("arithmetic", "text", "forgetting"),
