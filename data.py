@@ -13,6 +13,7 @@ import argparse
 import importlib
 import itertools
 import json
+import logging
 import multiprocessing as mp
 import os
 import re
@@ -505,14 +506,22 @@ def file_docs(path):
 def download_cached(n, out_dir):
     """modded-nanogpt's pre-tokenised FineWeb (kjj0/fineweb10B-gpt2, shards of 10**8 tokens in
     this format): the val shard and n train shards. Shards already there are kept."""
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")   # no retry warnings: one line says it below
     hub = require("huggingface_hub")
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)   # if its logging was set up before
+    made, cache = not os.path.exists(out_dir), os.path.join(out_dir, ".cache")   # hub's metadata
+    new_cache = not os.path.exists(cache)
     for i in range(n + 1):
         name = f"fineweb_{'train' if i else 'val'}_{i:06d}.bin"
         if not os.path.exists(os.path.join(out_dir, name)):
             try:
                 hub.hf_hub_download(repo_id="kjj0/fineweb10B-gpt2", filename=name,
                                     repo_type="dataset", local_dir=out_dir)
-            except Exception as e:
+            except Exception as e:   # leave out_dir as it was, but for the shards downloaded
+                if new_cache:
+                    shutil.rmtree(cache, ignore_errors=True)
+                if made and not os.listdir(out_dir):
+                    os.rmdir(out_dir)
                 raise offline(name, e) from None
         print(f"{out_dir}/{name}: {len(read_shard(os.path.join(out_dir, name))):,} tokens")
 

@@ -365,6 +365,7 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 def gpt2_file(name, path):
     """The weights file: --weights (a file, or a folder holding one), else downloaded."""
     if not path:
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")   # no retry warnings: one line below
         try:
             from huggingface_hub import hf_hub_download
         except ImportError:
@@ -402,7 +403,7 @@ def gpt2_heads(config, name, n_layer, n_embd):
 def load_gpt2(cfg):
     """Hugging Face GPT-2's state dict, as saved but for the "transformer." prefix (fit_gpt2 makes
     this model's). Sets cfg's n_layer, n_head, n_embd from the weights and the config.json beside
-    them; nothing is written."""
+    them, and block_size, unless given, to the weights' positions; nothing is written."""
     name = cfg["init_from"]
     if cfg["task"] != "text":
         raise ConfigError(f"--init_from={name} needs --task=text (GPT-2's vocabulary)")
@@ -431,6 +432,7 @@ def load_gpt2(cfg):
         if cfg[key] not in (0, v):
             raise ConfigError(f"--{key}={cfg[key]}: the weights have {v}")
         cfg[key] = v
+    cfg["block_size"] = cfg["block_size"] or len(sd["wpe.weight"])   # default: all its positions
     cfg["vocab_real"] = vocab   # in the checkpoint's config: a resumed run masks the padding too
     return sd
 

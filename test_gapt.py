@@ -6,6 +6,7 @@
 import errno
 import io
 import json
+import logging
 import math
 import os
 import signal
@@ -857,14 +858,18 @@ def test_offline_is_one_line(tmp_path):
     assert not list((tmp_path / "fw").glob("*.bin"))
 
 
-def test_cached_offline_is_one_line(tmp_path, monkeypatch, capsys):
-    def hf_hub_download(**kwargs):
+def test_cached_offline_is_one_line(tmp_path, monkeypatch, capsys, caplog):
+    def hf_hub_download(local_dir, **kwargs):   # as the real one offline: metadata, warnings, then the error
+        os.makedirs(os.path.join(local_dir, ".cache", "huggingface"))
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
         raise ConnectionError("Max retries exceeded")
     hub = types.ModuleType("huggingface_hub")
     hub.hf_hub_download = hf_hub_download
     monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
-    assert data.main(["fineweb", "--cached", "1", "--out", str(tmp_path)]) == 1
+    assert data.main(["fineweb", "--cached", "1", "--out", str(tmp_path / "fw")]) == 1
     one_line_error(1, capsys.readouterr().err, 1, "offline", "fineweb_val_000000.bin")
+    assert not (tmp_path / "fw").exists()                            # nothing left behind
+    assert not caplog.records                                        # the hub's retry warnings are not shown
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
@@ -1527,6 +1532,9 @@ def test_gpt2_weights_give_the_logits_of_transformers(tmp_path, safetensors):
                                       abs=1e-4)                     # the same CE as transformers
     with pytest.raises(gapt.ConfigError, match="64 positions"):      # a context longer than GPT-2's
         gapt.build(gapt.resolve(dict(cfg, block_size=128)), torch.device("cpu"), sd)
+    default = dict(gapt.DEFAULTS, task="text", init_from="gpt2", weights=str(tmp_path))
+    gapt.load_gpt2(default)
+    assert gapt.resolve(default)["block_size"] == 64                # no --block_size: the weights' positions
 
 
 def test_gapt_continues_from_gpt2_weights_and_resumes(text_dir, tmp_path):
