@@ -70,7 +70,7 @@ CONFIG = [
     ("n_layer", 0, "transformer blocks (0 = from --model)"),
     ("n_head", 0, "attention heads (0 = from --model)"),
     ("n_embd", 0, "residual width (0 = from --model)"),
-    ("block_size", 0, "context length (0 = the task's: arithmetic its longest problem, text 256)"),
+    ("block_size", 0, "context (0 = the task's: arithmetic ~24, packed 32, text 256, gpt2 1024)"),
     ("dropout", 0.0, "dropout probability"),
     ("bias", True, "biases in Linear and LayerNorm layers, as GPT-2"),
     "GAPT: MBE, the IBLM loss and the phase controller",
