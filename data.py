@@ -528,9 +528,9 @@ def download_cached(n, out_dir):
 
 def prepare(args):
     """One corpus, read (or streamed), tokenised and written as shards."""
+    old = claim(args.out, args.source)
     if args.source == "fineweb" and args.cached:
         return download_cached(args.cached, args.out)
-    old = claim(args.out, args.source)
     if args.source == "text":
         docs = [d.strip() for path in args.files for d in file_docs(path) if d.strip()]
         if not docs:

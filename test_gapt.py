@@ -872,6 +872,16 @@ def test_cached_offline_is_one_line(tmp_path, monkeypatch, capsys, caplog):
     assert not caplog.records                                        # the hub's retry warnings are not shown
 
 
+def test_cached_refuses_another_corpus_before_downloading(tmp_path, monkeypatch, capsys):
+    hub = types.ModuleType("huggingface_hub")
+    hub.hf_hub_download = lambda **kwargs: pytest.fail("downloaded into another corpus's folder")
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    data.write_shard(tmp_path / "text_val_000000.bin", np.arange(10))
+    assert data.main(["fineweb", "--cached", "1", "--out", str(tmp_path)]) == 2
+    one_line_error(2, capsys.readouterr().err, 2, "another corpus")
+    assert [p.name for p in tmp_path.iterdir()] == ["text_val_000000.bin"]
+
+
 def test_bad_input_is_one_line(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("\n\n  \n")
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": \n')
