@@ -670,9 +670,9 @@ def run_eval(model, evals, cfg, device, ctx):
 
 
 def grad_alignment(model, x, y, cfg):
-    """The paper's cycle observation: cosine between grad(CE) and grad(M), over all parameters and
-    per block. Positive: lowering CE also compresses; negative: memorising and compressing pull
-    apart."""
+    """The paper's cycle observation: cosine between grad(CE) and grad(M) over the parameters M
+    depends on (the embeddings and the blocks up to the last regularised layer), and per block (0
+    above it). Positive: lowering CE also compresses; negative: the two pull apart."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     _, ce, hs = model(x, y)
     M = layer_mbe(hs, cfg["layers"], cfg["patch_size"]).mean()
@@ -1568,7 +1568,7 @@ def plot_cycle(dirs, path):
         ax.set_title(f"{arm}")
         ax.set_xlabel("optimizer step")
         ax.legend(fontsize=8)
-    axes[0][0].set_ylabel("cos(grad CE, grad MBE), all parameters")
+    axes[0][0].set_ylabel("cos(grad CE, grad MBE)")
     fig.suptitle("Alignment of the CE and MBE gradients: "
                  "above 0 memorising also compresses, below 0 they conflict")
     fig.tight_layout()
