@@ -722,6 +722,10 @@ def setup_device(cfg):
     if cfg["dtype"] == "auto":
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         cfg["dtype"] = "bfloat16" if bf16 else "float32"
+    if cfg["compile"] == "auto":   # where compiling the model with its MBE pays off
+        cfg["compile"] = "on" if device.type == "cuda" else "off"
+    if cfg["read_lag"] == "auto":   # see train(): only a GPU's queue gains from the lag
+        cfg["read_lag"] = "1" if device.type == "cuda" else "0"
     if cfg["dtype"] == "float16" and device.type != "cuda":
         raise ConfigError("--dtype=float16 needs a CUDA device (use bfloat16 or float32)")
     dtype = getattr(torch, cfg["dtype"])
@@ -875,7 +879,7 @@ def train(cfg):
         phase = ctrl.phase if cfg["phase_mode"] == "gapt" else phase
         restore_rank(ck, loader, rank, world)
     model = IBLM(raw, cfg["layers"], cfg["patch_size"])   # CE and M from one forward pass
-    if cfg["compile"] == "on" or (cfg["compile"] == "auto" and device.type == "cuda"):
+    if cfg["compile"] == "on":
         model = torch.compile(model)                      # one graph of the GPT and its MBE
     if ddp:
         ids = [device.index] if device.type == "cuda" else None
@@ -891,13 +895,15 @@ def train(cfg):
     # The host reads a step's CE, M and gradient norm `lag` steps after launching it. On cuda
     # (lag 1) the GPU then never waits for the host: the phase of step t+1 is decided from step
     # t-1's CE and M, read from a non-blocking copy. Elsewhere (lag 0) from step t's (Algorithm 1).
-    lag = int(device.type == "cuda") if cfg["read_lag"] == "auto" else int(cfg["read_lag"])
+    # The controller sees only steps run in its own phase: at lag 1, the step in flight at a switch
+    # is skipped, so a phase's best CE and MBE are its own steps'.
+    lag = int(cfg["read_lag"])
     bad, t_start, start, switches = 0, time.time(), step, 0
     while step < cfg["max_iters"]:
         t0, lr = time.time(), get_lr(step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr * (g.get("lr_scale") or 1.0)   # Muon keeps its own peak (make_optimizer)
-        stats = torch.zeros(3, device=device)    # CE, M, phase: means over micro-batches and ranks
+        stats = torch.zeros(3, device=device)    # CE, M (means over micro-batches), the phase
         for micro in range(accum):
             x, y = (t.pin_memory().to(device, non_blocking=True) if device.type == "cuda"
                     else t.to(device) for t in loader.batch(B))
@@ -907,8 +913,8 @@ def train(cfg):
                 ce, M = model(x, y, phase == COMPRESS)   # CE, and the MBE of the chosen layers
             loss = iblm_loss(ce, M, phase, W)            # + mbe_weight * M when compressing
             scaler.scale(loss / accum).backward()        # a mean over micro-batches, not a sum
-            p = torch.full((), float(phase), device=device)
-            stats += torch.stack([ce.detach().float(), M.detach(), p]) / accum
+            stats[:2] += torch.stack([ce.detach().float(), M.detach()]) / accum
+        stats[2] = phase                         # its mean over ranks is exact where they agree
         stats = update(raw, optimizer, scaler, cfg, all_mean(stats, ddp, world))   # or skip it
         step += 1                                # a skipped step counts, as under fp16's scaler
         pending.append({"step": step, "phase": phase, "lr": lr, "ms": 1000 * (time.time() - t0),
@@ -927,7 +933,7 @@ def train(cfg):
                     raise TrainingError(f"stopped after {bad} consecutive non-finite steps (try a "
                                         f"lower --learning_rate); the last good checkpoint, if any,"
                                         f" is {os.path.join(cfg['out_dir'], 'ckpt.pt')}")
-            elif cfg["phase_mode"] == "gapt":
+            elif cfg["phase_mode"] == "gapt" and rec["phase"] == ctrl.phase:
                 new = ctrl.step(ce, mbe)         # Algorithm 1: the phase of the next step
                 switches, phase = switches + (new != phase), new
         if master and cfg["align_interval"] and step % cfg["align_interval"] == 0:
@@ -1654,12 +1660,11 @@ def bench(cfg):
     B, T, P, D = cfg["batch_size"], cfg["block_size"], cfg["patch_size"], cfg["n_embd"]
     raw, optimizer = build(cfg, device)
     model, gpt = IBLM(raw, cfg["layers"], P), raw          # the GAPT steps' model, the plain step's
-    compiled = cfg["compile"] == "on" or (cfg["compile"] == "auto" and device.type == "cuda")
+    compiled = cfg["compile"] == "on"
     if compiled:
         model, gpt = torch.compile(model), torch.compile(gpt)
     x, y = (torch.randint(cfg["vocab_size"], (B, T), device=device) for _ in range(2))
-    lag = int(device.type == "cuda") if cfg["read_lag"] == "auto" else int(cfg["read_lag"])
-    pending = deque()
+    lag, pending = int(cfg["read_lag"]), deque()
 
     def train_step(phase):   # train()'s step, one micro-batch; phase 0: a plain loop, CE only
         zero = torch.zeros((), device=device)
