@@ -10,6 +10,7 @@ the catastrophic-forgetting toy, token shards (format, FineWeb, your own text),
 and the command line. Importing this module has no side effects.
 """
 import argparse
+import base64
 import importlib
 import itertools
 import json
@@ -361,18 +362,17 @@ def get_tokenizer(tokenizer_file=None):
         except Exception:                     # requests' errors when offline, or anything else
             raise Unavailable("cannot download tiktoken's GPT-2 encoding (the machine seems "
                               "offline); pass --tokenizer_file path/to/gpt2.tiktoken") from None
-    from tiktoken.load import load_tiktoken_bpe
     from tiktoken_ext.openai_public import r50k_pat_str   # the split pattern of tiktoken's gpt2
-    try:
-        enc = tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str,
-                                special_tokens={"<|endoftext|>": EOT},
-                                mergeable_ranks=load_tiktoken_bpe(str(tokenizer_file)))
+    try:   # "base64-token rank" lines, read here: tiktoken's own loader caches a file by its path
+        with open(tokenizer_file, "rb") as f:
+            ranks = {base64.b64decode(t): int(r) for t, r in (ln.split() for ln in f if ln.strip())}
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read tokenizer file {tokenizer_file} "
                         f"(--tokenizer_file or $GAPT_TOKENIZER_FILE): {e}") from None
-    if enc.max_token_value != EOT:
+    if sorted(ranks.values()) != list(range(EOT)):   # a cut file would crash the pool's workers
         raise DataError(f"{tokenizer_file} is not GPT-2's 50257-token vocabulary")
-    return enc
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str,
+                             special_tokens={"<|endoftext|>": EOT}, mergeable_ranks=ranks)
 
 
 def _init_worker(tokenizer_file):
@@ -384,12 +384,21 @@ def _tokenize(text):
     return np.array([EOT] + _enc.encode_ordinary(text), dtype=np.uint16)   # ids <= 50256
 
 
-def tokenize_documents(docs, tokenizer_file=None):
+def tokenize_documents(docs, tokenizer_file=None, chunk=4096):
     """Yield each document's tokens, <|endoftext|> first, in order, from a pool on every core.
+    The next chunk of documents is read while the pool tokenises this one, and no further: a
+    stream is read as fast as it is used (Pool.imap would read it to the end, into memory).
     Load the tokenizer once before (a worker that fails to start is restarted forever), and call
     this under `if __name__ == "__main__":`, which a pool needs where processes are spawned."""
+    docs = iter(docs)
     with mp.Pool(os.cpu_count() or 1, _init_worker, (tokenizer_file,)) as pool:
-        yield from pool.imap(_tokenize, docs, chunksize=16)
+        work = pool.map_async(_tokenize, list(itertools.islice(docs, chunk)), chunksize=16)
+        while True:
+            ahead = list(itertools.islice(docs, chunk))
+            if not (done := work.get()):
+                return
+            work = pool.map_async(_tokenize, ahead, chunksize=16)
+            yield from done
 
 
 def progress(token_docs, total, every=10.0):
@@ -435,21 +444,27 @@ def claim(out_dir, prefix):
 def write_shards(token_docs, out_dir, prefix, old, sizes):
     """out_dir/{prefix}_val_000000.bin, then {prefix}_train_000001.bin, ..., of the given sizes.
     They are staged in out_dir/.partial and moved in place at the end, replacing old: a run
-    stopped half-way leaves the earlier corpus whole, never a mix of the two."""
-    staging = os.path.join(out_dir, ".partial")
+    stopped or failed half-way leaves the earlier corpus whole, never a mix of the two."""
+    staging, made = os.path.join(out_dir, ".partial"), not os.path.exists(out_dir)
     try:
-        shutil.rmtree(staging, ignore_errors=True)           # what a stopped run left
+        shutil.rmtree(staging, ignore_errors=True)           # what a killed run left
         os.makedirs(staging)
     except OSError as e:
         raise DataError(f"--out {out_dir}: cannot make this folder ({e.strerror or e})") from None
     names, lengths = [], []
-    for i, shard in enumerate(pack(token_docs, sizes)):
-        names.append(f"{prefix}_{'train' if i else 'val'}_{i:06d}.bin")
-        write_shard(os.path.join(staging, names[-1]), shard)
-        lengths.append(len(shard))
-    if not lengths:
-        shutil.rmtree(staging)
-        raise DataError("no text to write")
+    try:
+        for i, shard in enumerate(pack(token_docs, sizes)):
+            names.append(f"{prefix}_{'train' if i else 'val'}_{i:06d}.bin")
+            write_shard(os.path.join(staging, names[-1]), shard)
+            lengths.append(len(shard))
+        if len(lengths) < 2:                                 # gapt.py needs both splits
+            raise DataError(f"{sum(lengths):,} tokens: too few for a val and a train shard "
+                            "(a smaller --shard_size?)" if lengths else "no text to write")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if made:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     for name in (stale := old - set(names)):
         os.remove(os.path.join(out_dir, name))
     for name in names:
@@ -471,8 +486,7 @@ def offline(what, e):
 
 
 def texts(rows, error):
-    """Each row's "text". A failure while reading (the network, a bad file) becomes error(e),
-    raised in the pool's feeder thread, from where it reaches the reader of the tokens."""
+    """Each row's "text". A failure while reading (the network, a bad file) becomes error(e)."""
     try:
         for row in rows:
             if not isinstance(text := row["text"], str):
@@ -491,7 +505,13 @@ def read_rows(path):
             yield from batch.to_pylist()
     elif path.endswith((".jsonl", ".json")):
         with open(path, encoding="utf-8") as f:
-            yield from (json.loads(line) for line in f if line.strip())
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except ValueError as e:   # json's own position is within the line
+                        raise ValueError(f"line {i} is not JSON ({e.msg})") from None
+                    yield row
     else:
         text = Path(path).read_text(encoding="utf-8")
         yield from ({"text": block} for block in re.split(r"\n\s*\n", text))
@@ -500,12 +520,15 @@ def read_rows(path):
 def file_docs(path):
     if not os.path.isfile(path):
         raise DataError(f"no such file: {path}")
+    if path.endswith(".parquet"):
+        require("pyarrow")                    # a missing package: exit 1, as for the others
     return texts(read_rows(path), lambda e: DataError(f"{path}: {type(e).__name__}: {e}"))
 
 
 def download_cached(n, out_dir):
     """modded-nanogpt's pre-tokenised FineWeb (kjj0/fineweb10B-gpt2, shards of 10**8 tokens in
-    this format): the val shard and n train shards. Shards already there are kept."""
+    this format): the val shard and n train shards. Shards already there are kept, whatever
+    made them: give --cached a folder of its own."""
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")   # no retry warnings: one line says it below
     hub = require("huggingface_hub")
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)   # if its logging was set up before
@@ -523,7 +546,10 @@ def download_cached(n, out_dir):
                 if made and not os.listdir(out_dir):
                     os.rmdir(out_dir)
                 raise offline(name, e) from None
-        print(f"{out_dir}/{name}: {len(read_shard(os.path.join(out_dir, name))):,} tokens")
+        try:
+            print(f"{out_dir}/{name}: {len(read_shard(os.path.join(out_dir, name))):,} tokens")
+        except ValueError as e:                     # a cut or foreign file of that name
+            raise DataError(f"{e}: delete it to download it again") from None
 
 
 def prepare(args):
@@ -595,6 +621,8 @@ def main(argv=None):
         for key in ("shards", "cached", "shard_size"):
             if getattr(args, key, None) is not None and getattr(args, key) < 1:
                 p.error(f"argument --{key}: must be positive")
+        if args.shard_size >= 2**31:                # the header counts tokens in an int32
+            p.error("argument --shard_size: must be below 2**31")
         if not 0 < getattr(args, "val_fraction", 0.5) < 1:
             p.error("--val_fraction must be between 0 and 1")
         if getattr(args, "cached", None) and (args.edu or args.local):

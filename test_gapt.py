@@ -5,6 +5,7 @@
 """
 import errno
 import io
+import itertools
 import json
 import logging
 import math
@@ -675,6 +676,25 @@ def test_bad_tokenizer_file(tmp_path):
     for path in (tmp_path / "bad.tiktoken", tmp_path / "missing.tiktoken"):
         with pytest.raises(data.DataError, match="tokenizer file"):
             data.get_tokenizer(path)
+    cut = tmp_path / "cut.tiktoken"   # its workers crashed on a merge it lacks and the pool hung
+    cut.write_bytes(b"".join(Path(tokenizer_file()).read_bytes().splitlines(keepends=True)[:100]))
+    with pytest.raises(data.DataError, match="not GPT-2's"):
+        data.get_tokenizer(cut)
+
+
+def test_tokenizer_pool_reads_a_stream_only_as_fast_as_it_is_used():
+    pulled = []
+
+    def stream():                                                # an endless FineWeb
+        for i in itertools.count():
+            pulled.append(i)
+            yield f"document {i}"
+    tokens = data.tokenize_documents(stream(), tokenizer_file(), chunk=8)
+    first = [next(tokens) for _ in range(10)]                    # Pool.imap read on without end
+    assert [data.get_tokenizer(tokenizer_file()).decode(t[1:].tolist()) for t in first] == \
+        [f"document {i}" for i in range(10)]
+    assert len(pulled) <= 3 * 8                                  # this chunk and the next, read ahead
+    tokens.close()
 
 
 def test_tokenize_prepends_eot():
@@ -888,6 +908,11 @@ def test_cached_refuses_another_corpus_before_downloading(tmp_path, monkeypatch,
     assert data.main(["fineweb", "--cached", "1", "--out", str(tmp_path)]) == 2
     one_line_error(2, capsys.readouterr().err, 2, "another corpus")
     assert [p.name for p in tmp_path.iterdir()] == ["text_val_000000.bin"]
+    fw = tmp_path / "fw"
+    fw.mkdir()
+    (fw / "fineweb_val_000000.bin").write_bytes(b"\0" * 100)             # a cut download, say
+    assert data.main(["fineweb", "--cached", "1", "--out", str(fw)]) == 2
+    one_line_error(2, capsys.readouterr().err, 2, "fineweb_val_000000.bin", "delete it")
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
@@ -903,12 +928,38 @@ def test_bad_input_is_one_line(tmp_path, capsys):
 
 
 def test_fineweb_local_bad_rows(tmp_path, capsys):
-    """A bad row fails in the pool's feeder thread; it must still end as one line."""
+    """A bad row fails while the documents are read; it must still end as one line, naming the
+    line, and leave nothing (no staging folder, no --out that was not there)."""
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": \n')
     assert data.main(["fineweb", "--shards", "1", "--local", str(tmp_path / "bad.jsonl"), "--out",
                       str(tmp_path / "out"), "--tokenizer_file", tokenizer_file()]) == 2
-    one_line_error(2, capsys.readouterr().err, 2, "bad.jsonl", "JSONDecodeError")
-    assert not list((tmp_path / "out").glob("*.bin"))
+    one_line_error(2, capsys.readouterr().err, 2, "bad.jsonl", "line 2 is not JSON")
+    assert not (tmp_path / "out").exists()
+
+
+def test_fineweb_local_too_small_for_a_train_shard(tmp_path, capsys):
+    # it wrote a val shard alone, which gapt.py cannot train on, and removed the older train shards
+    (tmp_path / "small.jsonl").write_text('{"text": "a few words"}\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    data.write_shard(out / "fineweb_train_000001.bin", np.arange(500))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert data.main(["fineweb", "--shards", "1", "--local", str(tmp_path / "small.jsonl"), "--out",
+                      str(out), "--tokenizer_file", tokenizer_file()]) == 2
+    one_line_error(2, capsys.readouterr().err, 2, "too few for a val and a train shard")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before   # and no .partial
+
+
+def test_data_bad_sizes_and_missing_pyarrow_are_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a.txt").write_text("some text")
+    assert data.main(["text", str(tmp_path / "a.txt"), "--shard_size", str(2**31)]) == 2
+    one_line_error(2, capsys.readouterr().err, 2, "--shard_size")      # an int32 in the header
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    assert data.main(["fineweb", "--shards", "1", "--local", str(tmp_path / "x.parquet"),
+                      "--out", str(tmp_path / "out")]) == 1            # a missing package, as the others
+    one_line_error(1, capsys.readouterr().err, 1, "pip install pyarrow")
+    assert not (tmp_path / "out").exists()
 
 # -----------------------------------------------------------------------------
 # the catastrophic-forgetting toy
