@@ -212,8 +212,9 @@ def validate(cfg):
     if cfg["seed"] + cfg["seeds"] > 2**63:     # torch and numpy seeds are 64-bit
         raise ConfigError(f"--seed={cfg['seed']}: must be below 2**63 (less --seeds)")
     digits = (cfg["digits_min"], cfg["digits_max"], cfg["ood_digits_min"], cfg["ood_digits_max"])
-    if not (1 <= digits[0] <= digits[1] <= 9 and 1 <= digits[2] <= digits[3] <= 9):
-        raise ConfigError("digit ranges need 1 <= *_digits_min <= *_digits_max <= 9")
+    if not 1 <= digits[0] <= digits[1] < digits[2] <= digits[3] <= 9:   # OOD: larger operands
+        raise ConfigError("digit ranges need 1 <= --digits_min <= --digits_max < "
+                          "--ood_digits_min <= --ood_digits_max <= 9")
     return cfg
 
 

@@ -415,6 +415,7 @@ def test_help_lists_every_flag():
     (["--beta2=1.5"], "must be in [0, 1)"),
     (["--block_size=8"], "needs --block_size >= 19"),
     (["--digits_max=1", "--n_eval=2000"], "smaller --n_eval"),
+    (["--ood_digits_min=2"], "--digits_max < --ood_digits_min"),   # OOD problems would be trained on
     (["--task=forgetting", "--init_from=resume"], "keeps no checkpoint"),
     (["--task=forgetting", "--device=cuda"], "runs on the CPU"),
     (["--seed=-1"], "must be >= 0"),
