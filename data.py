@@ -19,6 +19,7 @@ import multiprocessing as mp
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -283,7 +284,7 @@ def check_ids(path, vocab_size, chunk=2**24):
 
 def find_shards(data_dir, split):
     """Sorted paths of the "train" or "val" shards in data_dir."""
-    paths = sorted(str(p) for p in Path(data_dir).glob(f"*_{split}_*.bin"))
+    paths = sorted(str(p) for p in Path(data_dir).glob(f"*_{split}_*.bin") if p.is_file())
     if not paths:
         raise FileNotFoundError(f"no {split} shards in {data_dir}: run 'python data.py fineweb "
                                 f"--shards 10 --out {data_dir}' (or 'python data.py text FILE... "
@@ -378,6 +379,7 @@ def get_tokenizer(tokenizer_file=None):
 def _init_worker(tokenizer_file):
     global _enc                               # each pool worker's own, loaded from the path
     _enc = get_tokenizer(tokenizer_file)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C stops the parent, which ends the pool
 
 
 def _tokenize(text):
@@ -434,7 +436,8 @@ def pack(token_docs, sizes):
 def claim(out_dir, prefix):
     """The names of this corpus's shards already in out_dir. gapt.py reads every shard of a
     folder, so another corpus's shards there are refused, before anything is downloaded."""
-    old = {p.name for split in ("train", "val") for p in Path(out_dir).glob(f"*_{split}_*.bin")}
+    old = {p.name for split in ("train", "val") for p in Path(out_dir).glob(f"*_{split}_*.bin")
+           if p.is_file()}
     if others := sorted(n for n in old if not n.startswith(prefix + "_")):
         raise DataError(f"{out_dir} holds another corpus's shards ({others[0]}, ...): "
                         "choose another --out")
@@ -531,7 +534,7 @@ def download_cached(n, out_dir):
     made them: give --cached a folder of its own."""
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")   # no retry warnings: one line says it below
     hub = require("huggingface_hub")
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)   # if its logging was set up before
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)   # if it was set up before
     made, cache = not os.path.exists(out_dir), os.path.join(out_dir, ".cache")   # hub's metadata
     new_cache = not os.path.exists(cache)
     for i in range(n + 1):
@@ -631,6 +634,10 @@ def main(argv=None):
     except (DataError, Unavailable) as e:
         print("error: " + str(e).replace("\n", " "), file=sys.stderr)
         return 2 if isinstance(e, DataError) else 1
+    except KeyboardInterrupt:
+        print("stopped (Ctrl-C); --out holds its earlier shards (with --cached, also those "
+              "downloaded so far)", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -102,7 +102,7 @@ CONFIG = [
     ("total_batch_size", 0, "tokens per optimizer step, all processes (0 = one micro-batch each)"),
     ("max_iters", 2000, "optimizer steps"),
     ("learning_rate", 1e-3, "peak learning rate (AdamW)"),
-    ("min_lr", 1e-4, "learning rate at the end of the cosine decay"),
+    ("min_lr", 1e-4, "learning rate at the end of the cosine decay (at most --learning_rate)"),
     ("warmup_iters", 100, "linear warmup steps"),
     ("weight_decay", 0.1, "AdamW decay, on 2-D weights only"),
     ("beta1", 0.9, "AdamW beta1"),
@@ -758,8 +758,8 @@ def make_optimizer(model, cfg, device):
                               fused=device.type == "cuda")
     if not muon:
         return adamw
-    if cfg["muon_lr"] <= 0 or cfg["muon_weight_decay"] < 0:
-        raise ConfigError("--muon_lr must be positive and --muon_weight_decay >= 0")
+    if not 0 < cfg["muon_lr"] <= 1e30 or cfg["muon_weight_decay"] < 0:
+        raise ConfigError("--muon_lr must be in (0, 1e30] and --muon_weight_decay >= 0")
     if not hasattr(torch.optim, "Muon"):
         raise ConfigError(f"--optimizer=muon needs torch >= 2.9 (torch.optim.Muon); "
                           f"this is torch {torch.__version__}")
@@ -807,12 +807,13 @@ def describe(optimizer):
 
 
 def get_lr(step, cfg):
-    """Linear warmup from lr/warmup (never 0) to lr, then cosine down to min_lr."""
+    """Linear warmup from lr/warmup (never 0) to lr, then cosine down to min_lr (never up: a
+    --learning_rate below the default --min_lr stays constant)."""
     lr, warm, total = cfg["learning_rate"], cfg["warmup_iters"], cfg["max_iters"]
     if step < warm:
         return lr * (step + 1) / warm
-    t = (step - warm) / max(1, total - warm)
-    return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * min(t, 1.0))) * (lr - cfg["min_lr"])
+    t, low = (step - warm) / max(1, total - warm), min(cfg["min_lr"], lr)
+    return low + 0.5 * (1 + math.cos(math.pi * min(t, 1.0))) * (lr - low)
 
 
 def update(raw, optimizer, scaler, cfg, stats):
@@ -1064,7 +1065,7 @@ def read_checkpoint(path):
 # on resume the model and the data are the checkpoint's; the schedule and logging the command line's
 RESUMED = ("task", "model", "n_layer", "n_head", "n_embd", "block_size", "bias", "patch_size",
            "mbe_layers", "seed", "reverse_answer", "digits_min", "digits_max", "ood_digits_min",
-           "ood_digits_max", "n_eval", "arith_layout", "arith_loss")
+           "ood_digits_max", "n_eval", "arith_layout", "arith_loss", "val_tokens")
 
 
 def load_checkpoint(cfg, master):
@@ -1083,12 +1084,14 @@ def load_checkpoint(cfg, master):
     except Exception as e:
         raise ConfigError(f"--init_from=resume: {path} is damaged ({type(e).__name__}); "
                           f"delete it to start over") from None
-    given = [k for k in RESUMED if cfg[k] != DEFAULTS[k] and cfg[k] != ck["config"][k]]
+    old = {k: ck["config"].get(k, DEFAULTS[k]) for k in RESUMED}   # older checkpoints lack some
+    given = [k for k in RESUMED if cfg[k] != DEFAULTS[k] and cfg[k] != old[k]]
     if given and master:
         print("resume: the checkpoint's values replace " +
-              ", ".join(f"--{k}={cfg[k]} (now {ck['config'][k]})" for k in given))
-    cfg.update({k: ck["config"].get(k, DEFAULTS[k]) for k in RESUMED},
-               vocab_real=ck["config"].get("vocab_real", 0))
+              ", ".join(f"--{k}={cfg[k]} (now {old[k]})" for k in given))
+    cfg.update(old, vocab_real=ck["config"].get("vocab_real", 0))
+    if cfg["data_dir"] == DEFAULTS["data_dir"]:   # its corpus, unless given (a copy moved, say)
+        cfg["data_dir"] = ck["config"].get("data_dir", cfg["data_dir"])
     trained = ck["config"].get("optimizer", "adamw")   # another optimizer's state would not load
     if cfg["optimizer"] != trained:
         raise ConfigError(f"--optimizer={cfg['optimizer']}: the checkpoint was trained with "
@@ -1201,7 +1204,11 @@ def keep_earlier_run(out_dir):
         n = 1 + max([int(d) for d in os.listdir(os.path.join(out_dir, "earlier")) if d.isdigit()]
                     if os.path.isdir(os.path.join(out_dir, "earlier")) else [0])
         dest = os.path.join(out_dir, "earlier", str(n))
-        os.makedirs(dest)
+        try:
+            os.makedirs(dest)
+        except OSError as e:   # e.g. a file named "earlier"
+            raise ConfigError(f"--out_dir={out_dir}: cannot keep the earlier run's files in {dest} "
+                              f"({e.strerror or e})") from None
         for name in names:
             os.replace(os.path.join(out_dir, name), os.path.join(dest, name))
         print(f"{out_dir}: the earlier run's files are kept in {dest} (this one starts afresh)")
@@ -1440,18 +1447,37 @@ def train_forgetting(cfg):
 def compare(cfg):
     """Every arm (a phase mode) x --seeds runs into out_dir/<arm>_seed<s>, then the table, the
     paired differences and the figures. Seeds outer: a stopped comparison has every arm for the
-    seeds done, and --init_from=resume continues it."""
+    seeds done, and --init_from=resume continues it: arms not started yet start as the others did,
+    from the comparison's config.json."""
     arms, modes = cfg["compare"].split(","), CHOICES["phase_mode"]
-    if any(a not in modes for a in arms):
-        raise ConfigError(f"--compare={cfg['compare']}: a comma list of {' | '.join(modes)}")
+    if any(a not in modes for a in arms) or len(set(arms)) < len(arms):
+        raise ConfigError(f"--compare={cfg['compare']}: a comma list of {' | '.join(modes)}, "
+                          f"each once")
     if "RANK" in os.environ:
         raise ConfigError("--compare runs its arms one after another: launch it with python")
+    saved, fresh = os.path.join(cfg["out_dir"], "config.json"), cfg["init_from"]
+    if fresh == "resume" and os.path.isfile(saved):   # the model, data and start of its arms
+        with open(saved) as f:
+            first = json.load(f)
+        given = {"data_dir": cfg["data_dir"]} if cfg["data_dir"] != DEFAULTS["data_dir"] else {}
+        cfg = {**cfg, **{k: first.get(k, DEFAULTS[k]) for k in (*RESUMED, "weights", "data_dir")},
+               **given}
+        fresh = first["init_from"]
+    elif fresh == "resume":                           # a comparison from before config.json
+        fresh = "scratch"
+    elif cfg["task"] != "forgetting":                 # bad data input: one line, nothing moved
+        make_data(resolve(cfg), 0, 1)
     path = cfg["fig"] or os.path.join(cfg["out_dir"], cfg["task"] + ".png")
+    from matplotlib.backend_bases import FigureCanvasBase   # the formats savefig writes
+    if os.path.splitext(path)[1][1:].lower() not in FigureCanvasBase.get_supported_filetypes():
+        raise ConfigError(f"--fig={path}: name an image file: .png, .pdf, .svg, ...")
     check_dir(cfg["out_dir"], "out_dir")                  # before the runs, not after
     check_dir(os.path.dirname(path) or ".", "fig" if cfg["fig"] else "out_dir")
     made, lock = not os.path.isdir(cfg["out_dir"]), lock_dir(cfg["out_dir"])   # held to the end
     if cfg["init_from"] != "resume":      # a fresh comparison: no arm may resume an earlier one's
         keep_earlier_run(cfg["out_dir"])
+        with open(saved, "w") as f:
+            json.dump(cfg, f, indent=1)
     dirs = {arm: [] for arm in arms}
     for s in range(cfg["seeds"]):
         for arm in arms:
@@ -1459,11 +1485,11 @@ def compare(cfg):
             print(f"=== {arm}, seed {cfg['seed'] + s} -> {out}", flush=True)
             resume = cfg["init_from"] == "resume" and os.path.exists(os.path.join(out, "ckpt.pt"))
             try:
-                fresh = "scratch" if cfg["init_from"] == "resume" else cfg["init_from"]   # or gpt2
                 run(dict(cfg, phase_mode=arm, seed=cfg["seed"] + s, out_dir=out, compare="",
                          init_from="resume" if resume else fresh))
             except ConfigError:   # bad input found by the first run: no out_dir made for nothing
-                if made and os.listdir(cfg["out_dir"]) == [".lock"]:
+                if made and sorted(os.listdir(cfg["out_dir"])) == [".lock", "config.json"]:
+                    os.remove(saved)
                     os.remove(lock.name)
                     os.rmdir(cfg["out_dir"])
                 raise
@@ -1522,7 +1548,10 @@ def paired_diff(base, other, level=0.95):
 def compare_table(dirs):
     """Final eval metrics per arm: mean and std over seeds, and each later arm's paired difference
     from the first (the baseline) with its 95% t interval, under "vs_<baseline>"; as markdown."""
-    finals = {arm: [read_log(o, "eval")[-1] for o in outs] for arm, outs in dirs.items()}
+    finals = {a: [(read_log(o, "eval") or [None])[-1] for o in outs] for a, outs in dirs.items()}
+    empty = [o for arm, outs in dirs.items() for o, f in zip(outs, finals[arm]) if f is None]
+    if empty:   # its log.jsonl was deleted, say
+        raise TrainingError(f"{empty[0]}/log.jsonl holds no eval: delete that folder and resume")
     base, n = next(iter(dirs)), len(dirs[next(iter(dirs))])
     keys = [k for k, v in finals[base][0].items() if isinstance(v, float)]
     vals = {arm: {k: [f[k] for f in fs] for k in keys} for arm, fs in finals.items()}
@@ -1753,7 +1782,11 @@ def main(argv=None):
     except (TrainingError, OSError) as e:   # OSError: e.g. a full disk, writing a log or figure
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except RuntimeError as e:   # a collective's (or DDP forward's) when --dist_timeout runs out
+    except (MemoryError, RuntimeError) as e:   # out of memory; a collective's --dist_timeout
+        if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate" in str(e):
+            print(f"error: out of memory ({type(e).__name__}): try a smaller --batch_size, "
+                  f"--block_size or model", file=sys.stderr)
+            return 1
         if "RANK" not in os.environ or "timed out" not in str(e).lower():
             raise
         print(f"error: rank {os.environ['RANK']}: no word from the other processes for "

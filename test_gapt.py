@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -416,6 +417,8 @@ def test_help_lists_every_flag():
     (["--block_size=8"], "needs --block_size >= 19"),
     (["--digits_max=1", "--n_eval=2000"], "smaller --n_eval"),
     (["--ood_digits_min=2"], "--digits_max < --ood_digits_min"),   # OOD problems would be trained on
+    (["--compare=gapt,gapt"], "each once"),                        # each seed twice, counted twice
+    (["--optimizer=muon", "--muon_lr=1e300"], "--muon_lr"),        # Muon's own overflow traceback
     (["--task=forgetting", "--init_from=resume"], "keeps no checkpoint"),
     (["--task=forgetting", "--device=cuda"], "runs on the CPU"),
     (["--seed=-1"], "must be >= 0"),
@@ -434,7 +437,9 @@ def test_unusable_output_paths_are_one_line_errors(tmp_path, capsys):
     for args, flag in (([f"--out_dir={afile}"], "--out_dir"), ([f"--out_dir={afile / 'sub'}"], "--out_dir"),
                        (["--out_dir="], "--out_dir"), (["--compare=memorize", f"--out_dir={afile}"], "--out_dir"),
                        (["--compare=memorize", f"--out_dir={tmp_path / 'cmp'}", f"--fig={afile / 'x.png'}"], "--fig"),
-                       (["--compare=memorize", f"--out_dir={tmp_path / 'cmp'}", "--block_size=8"], "--block_size")):
+                       (["--compare=memorize", f"--out_dir={tmp_path / 'cmp'}", "--block_size=8"], "--block_size"),
+                       (["--compare=memorize", f"--out_dir={tmp_path / 'cmp'}", f"--fig={tmp_path / 'f.txt'}"],
+                        "--fig")):                                   # not after every run, as a traceback
         code, err = gapt.main(["--device=cpu", *TINY, "--max_iters=2", "--seeds=1", *args]), capsys.readouterr().err
         assert code == 2 and err.startswith("error: ") and flag in err and len(err.strip().splitlines()) == 1, err
     assert afile.read_text() == "keep" and not (tmp_path / "cmp").exists()   # no comparison started
@@ -754,8 +759,9 @@ def test_rewriting_shards_removes_stale_ones_and_refuses_another_corpus(tmp_path
         real_write(path, tokens)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(data, "write_shard", stop_at_train)
-        with pytest.raises(KeyboardInterrupt):
-            data.main(["text", str(tmp_path / "long.txt"), "--out", str(out), "--tokenizer_file", tokenizer_file()])
+        assert data.main(["text", str(tmp_path / "long.txt"), "--out", str(out), "--tokenizer_file",
+                          tokenizer_file()]) == 130                # Ctrl-C: one line, exit 130
+    assert "stopped (Ctrl-C)" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before   # the earlier corpus, whole
     (out / "fineweb_train_000001.bin").write_bytes(b"")
     assert data.main(["text", str(tmp_path / "short.txt"), "--out", str(out), "--tokenizer_file", tokenizer_file()]) == 2
@@ -826,6 +832,7 @@ def test_token_shards_edges(tmp_path):
     with pytest.raises(ValueError, match="t_train_000001.bin has 16 tokens"):
         data.TokenShards(tmp_path, 16, seed=0)
     data.write_shard(tmp_path / "t_train_000001.bin", np.arange(17))    # exactly one window fits
+    (tmp_path / "t_train_000009.bin").mkdir()                         # a folder is not a shard
     x, y = data.TokenShards(tmp_path, 16, seed=0).batch(8)
     assert torch.equal(x, torch.arange(16).expand(8, 16)) and torch.equal(y, x + 1)
 
@@ -1170,8 +1177,8 @@ def test_compare_runs_every_arm_and_seed_then_table_and_figures(tmp_path):
     r = run_gapt(*TINY, "--max_iters=12", "--eval_interval=6", "--align_interval=3", "--p_m=2", "--p_c=2",
                  "--compare=memorize,gapt", "--seeds=2", f"--out_dir={out}", f"--fig={fig}")
     assert r.returncode == 0, r.stderr
-    assert sorted(set(os.listdir(out)) - {".lock"}) == ["gapt_seed0", "gapt_seed1", "memorize_seed0", "memorize_seed1",
-                                                      "results.json"]
+    assert sorted(set(os.listdir(out)) - {".lock"}) == ["config.json", "gapt_seed0", "gapt_seed1", "memorize_seed0",
+                                                      "memorize_seed1", "results.json"]
     table = json.loads((out / "results.json").read_text())
     assert set(table) == {"memorize", "gapt"} and len(table["gapt"]["id_ce"]) == 2   # (mean, std)
     assert "| memorize |" in r.stdout and fig.stat().st_size > 0 and (fig.parent / "cycle.png").exists()
@@ -1471,6 +1478,47 @@ def test_resume_names_overridden_flags_and_refuses_a_max_iters_below_its_step(tm
     assert "nothing to train" in said
     code, err = small_run(out, "--init_from=resume", "--max_iters=3", capsys=capsys)
     one_line_error(code, err, 2, "step 4")
+    ck = gapt.read_checkpoint(out / "ckpt.pt")                      # as saved before --arith_layout
+    del ck["config"]["arith_layout"], ck["config"]["arith_loss"]
+    torch.save(ck, out / "ckpt.pt")
+    assert small_run(out, "--init_from=resume", "--max_iters=6", "--arith_layout=packed")[0] == 0
+    assert "--arith_layout=packed (now padded)" in capsys.readouterr().out
+
+
+def test_the_schedule_never_rises_above_the_learning_rate():
+    cfg = dict(gapt.DEFAULTS, learning_rate=5e-5, warmup_iters=10, max_iters=100)   # below --min_lr
+    lrs = [gapt.get_lr(s, cfg) for s in range(120)]
+    assert max(lrs) == pytest.approx(5e-5) and lrs[-1] == pytest.approx(5e-5)
+    assert gapt.get_lr(999, gapt.DEFAULTS | {"max_iters": 1000}) < 2e-4   # the default still decays
+
+
+@pytest.mark.parametrize("error", [MemoryError("Unable to allocate 381. GiB"), torch.OutOfMemoryError("CUDA"),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory")])
+def test_out_of_memory_is_one_line(monkeypatch, capsys, error):
+    def run(cfg):
+        raise error
+    monkeypatch.setattr(gapt, "run", run)
+    one_line_error(gapt.main(["--device=cpu"]), capsys.readouterr().err, 1, "out of memory", "--batch_size")
+
+
+def test_a_comparison_keeps_its_earlier_runs_on_bad_input_and_names_a_missing_log(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "results.json").write_text("{}")                          # a finished comparison
+    code = gapt.main(["--device=cpu", "--task=text", f"--data_dir={tmp_path / 'none'}",
+                      "--compare=memorize,gapt", f"--out_dir={out}"])
+    one_line_error(code, capsys.readouterr().err, 2, "no train shards")
+    assert sorted(os.listdir(out)) == ["results.json"]               # not moved to earlier/1
+    (out / "earlier").write_text("")                                 # a file in the way
+    code = gapt.main(["--device=cpu", "--task=forgetting", "--compare=gapt", "--seeds=1", f"--out_dir={out}"])
+    one_line_error(code, capsys.readouterr().err, 2, "earlier")
+    args = ["--device=cpu", *FAST, "--max_iters=3", "--eval_interval=0", "--compare=gapt,memorize", "--seeds=1",
+            f"--out_dir={tmp_path / 'c2'}"]
+    assert gapt.main(args) == 0
+    os.remove(tmp_path / "c2" / "gapt_seed0" / "log.jsonl")
+    capsys.readouterr()
+    code = gapt.main([*args, "--init_from=resume"])                 # nothing to train: no eval logged
+    one_line_error(code, capsys.readouterr().err, 1, "gapt_seed0/log.jsonl holds no eval")
 
 
 def test_a_flipped_bit_in_a_checkpoint_is_named(tmp_path, capsys):
@@ -1625,6 +1673,24 @@ def test_gapt_continues_from_gpt2_weights_and_resumes(text_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     assert [t["step"] for t in read_log(out, "train")] == list(range(1, 9))
     assert {t["phase"] for t in read_log(out, "train")} == {1, 2}
+
+
+def test_a_resumed_comparison_starts_its_missing_arms_as_the_others(text_dir, tmp_path):
+    # they started from scratch in the command line's shape: a random tiny GPT against GPT-2
+    save_tiny_gpt2(tmp_path / "hf")
+    shards, _ = text_dir
+    out = tmp_path / "cmp"
+    args = ["--task=text", "--block_size=16", "--batch_size=4", "--val_tokens=64", "--max_iters=3",
+            "--eval_interval=0", "--seeds=1", "--compare=memorize,gapt", f"--out_dir={out}"]
+    r = run_gapt(*args, f"--data_dir={shards}", "--init_from=gpt2", f"--weights={tmp_path / 'hf'}")
+    assert r.returncode == 0, r.stderr
+    shutil.rmtree(out / "gapt_seed0")                                 # stopped before this arm began
+    r = run_gapt(*args, "--init_from=resume")                          # Ctrl-C's line, less --data_dir
+    assert r.returncode == 0, r.stderr
+    for arm in ("memorize", "gapt"):
+        c = gapt.read_checkpoint(out / f"{arm}_seed0" / "ckpt.pt")["config"]
+        assert (c["n_layer"], c["n_embd"], c["val_tokens"], c["data_dir"]) == (2, 64, 64, str(shards))
+    assert gapt.read_checkpoint(out / "gapt_seed0" / "ckpt.pt")["config"]["init_from"] == "gpt2"
 
 
 def test_gpt2_weights_that_cannot_load_are_one_line_errors(tmp_path, monkeypatch):
