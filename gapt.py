@@ -708,7 +708,7 @@ def setup_device(cfg):
     if device is None or device.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"--device={dev}: use auto, cpu, cuda, cuda:N or mps")
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device.type == "cuda" and (device.index or 0) >= n_gpus:
+    if device.type == "cuda" and not 0 <= (device.index or 0) < n_gpus:   # torch wraps cuda:200
         raise ConfigError(f"--device={dev}: no such CUDA device on this machine")
     if device.type == "mps" and not mps:
         raise ConfigError("--device=mps: MPS is not available on this machine")
