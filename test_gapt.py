@@ -229,13 +229,16 @@ def test_gapt_mbe_threshold_is_strict_and_cycle_repeats():
 
 
 def test_gapt_state_dict_round_trip():
-    g = gapt.GAPT(delta_ce=0.1, p_m=3, p_c=3)
-    seq = [(3.0, 1.0), (2.95, 0.9), (2.94, 0.8), (2.93, 0.7), (2.92, 0.6), (2.91, 0.6), (2.91, 0.6)]
-    trace(g, seq[:4])
-    h = gapt.GAPT(delta_ce=0.1, p_m=3, p_c=3)
-    h.load_state_dict(json.loads(json.dumps(g.state_dict(), default=str).replace('"inf"', "Infinity")))
-    assert trace(h, seq[4:]) == trace(g, seq[4:])
-    assert h.state_dict() == g.state_dict()
+    head = [(3.0, 1.0), (2.95, 0.9), (2.94, 0.8), (2.93, 0.7), (2.92, 0.6)]   # ends compressing
+    for rest in ([(3.3, 0.6), (2.91, 0.6)],     # a spike over the restored best CE
+                 [(2.92, 0.6), (2.92, 0.6)]):   # no gain on the restored best M
+        g = gapt.GAPT(delta_ce=0.1, p_m=3, p_c=3)
+        trace(g, head)
+        assert math.isfinite(g.E_min) and math.isfinite(g.M_min)
+        h = gapt.GAPT(delta_ce=0.1, p_m=3, p_c=3)
+        h.load_state_dict(json.loads(json.dumps(g.state_dict(), default=str).replace('"inf"', "Infinity")))
+        assert trace(h, rest) == trace(g, rest)
+        assert h.state_dict() == g.state_dict()
 
 
 def test_iblm_loss_by_phase():
@@ -408,7 +411,7 @@ def test_help_lists_every_flag():
     (["--delta_ce=nan"], "finite"),
     (["--learning_rate=inf"], "finite"),
     (["--block_size=20"], "not divisible by --patch_size"),
-    (["--device=cuda:7"], "no such CUDA device"),
+    (["--device=cuda:999"], "no such CUDA device"),
     (["--device=tpu"], "--device=tpu"),
     (["--init_from=resume"], "no checkpoint"),
     (["--task=text", "--data_dir=nowhere"], "python data.py"),
@@ -585,6 +588,7 @@ def test_many_accumulation_steps_keep_the_phase_check_exact(tmp_path):
                  "--max_iters=2", "--n_eval=64", "--eval_interval=0", f"--out_dir={tmp_path}")
     assert r.returncode == 0, r.stderr
     assert "42 accumulation steps" in r.stdout and len(read_log(tmp_path, "train")) == 2
+    assert all(t["ce"] < 4 for t in read_log(tmp_path, "train"))   # a mean over micro-batches (log 16 = 2.8)
 
 
 def test_nan_representations_give_nan_mbe():
@@ -1489,6 +1493,7 @@ def test_the_schedule_never_rises_above_the_learning_rate():
     cfg = dict(gapt.DEFAULTS, learning_rate=5e-5, warmup_iters=10, max_iters=100)   # below --min_lr
     lrs = [gapt.get_lr(s, cfg) for s in range(120)]
     assert max(lrs) == pytest.approx(5e-5) and lrs[-1] == pytest.approx(5e-5)
+    assert lrs[0] > 0 and lrs[9] == pytest.approx(5e-5)              # warmup: never 0, at its peak on time
     assert gapt.get_lr(999, gapt.DEFAULTS | {"max_iters": 1000}) < 2e-4   # the default still decays
 
 
@@ -1843,3 +1848,107 @@ def test_packed_run_trains_and_resumes_in_its_layout(tmp_path):
                  "--n_eval=64", f"--out_dir={out}")
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "config.json").read_text())["arith_layout"] == "packed"
+
+# -----------------------------------------------------------------------------
+# A mutation audit: each test below turned red on a one-line bug the suite had let through
+
+
+def tiny_gpt(n_layer=3, T=16, vocab=16):
+    torch.manual_seed(0)
+    return gapt.GPT(gapt.GPTConfig(n_layer, 2, 32, T, vocab, 0.0, True))
+
+
+def test_iblm_gives_m_a_gradient_only_when_compressing():
+    model, x = gapt.IBLM(tiny_gpt(), [1], 8), torch.randint(16, (2, 16))
+    for compress in (True, False):
+        ce, M = model(x, x, compress)
+        assert ce.requires_grad and M.requires_grad is compress
+
+
+def test_evaluate_matches_its_definitions_over_unequal_batches():
+    model, (x, y) = tiny_gpt(T=24).eval(), data.Arithmetic(0, 24).eval_sets()["id"]
+    x, y = x[:48], y[:48]
+    cfg = {"n_layer": 3, "patch_size": 8, "layers": [1]}
+    got = gapt.evaluate(model, [(x[:40], y[:40]), (x[40:], y[40:])], cfg, "cpu", gapt.nullcontext())
+    with torch.no_grad():
+        logits, _, hs = model(x, y)
+    logp, mask = logits.log_softmax(-1), y >= 0
+    assert got["ce"] == pytest.approx(-logp.gather(-1, y.clamp(min=0)[..., None])[..., 0][mask].mean().item(),
+                                      rel=1e-4)                       # the answer tokens' mean
+    assert got["conf"] == pytest.approx(logp.max(-1).values.exp()[mask].mean().item(), rel=1e-4)
+    mbe = gapt.layer_mbe(hs, range(3), 8)                             # every window of all 48 rows
+    assert got["mbe_layers"] == pytest.approx(mbe.tolist(), abs=1e-4)
+    assert got["mbe"] == pytest.approx(mbe[1].item(), abs=1e-4)       # the regularised layers only
+
+
+def test_mbe_stays_float32_under_autocast():
+    Z = torch.randn(4, 8, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = gapt.matrix_entropy(Z)
+    assert got.dtype == torch.float32 and torch.allclose(got, gapt.matrix_entropy(Z))
+
+
+@pytest.mark.parametrize("stats, grad", [((1.0, float("nan")), 1.0), ((float("nan"), 0.5), 1.0),
+                                         ((1.0, 0.5), float("inf")), ((1.0, 0.5), 1.0)])
+def test_update_skips_a_non_finite_step_on_the_host_path(stats, grad):
+    # unfused AdamW (the CPU's path, and Muon's): CE, M or the gradient norm not finite: weights kept
+    model = torch.nn.Linear(2, 1)
+    opt, scaler = torch.optim.AdamW(model.parameters(), lr=0.1), torch.amp.GradScaler("cpu", enabled=False)
+    (model(torch.ones(1, 2)).sum() * grad).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    out = gapt.update(model, opt, scaler, {"grad_clip": 1.0}, torch.tensor([*stats, 1.0]))
+    ok = all(math.isfinite(v) for v in (*stats, grad))
+    assert out[4].item() == ok
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) is not ok
+
+
+def test_save_refuses_non_finite_weights(tmp_path, capsys):
+    loader = types.SimpleNamespace(state_dict=lambda: {})
+    state = {"model": {"w": torch.tensor([1.0, float("nan")])}, "step": 7}
+    gapt.save({"out_dir": str(tmp_path)}, loader, False, 1, True, state)
+    assert not (tmp_path / "ckpt.pt").exists() and "non-finite weights" in capsys.readouterr().out
+    state["model"]["w"][1] = 2.0
+    gapt.save({"out_dir": str(tmp_path)}, loader, False, 1, True, state)
+    assert gapt.read_checkpoint(tmp_path / "ckpt.pt")["step"] == 7
+
+
+def test_a_good_step_resets_the_bad_count_and_skips_never_reach_the_controller(tmp_path, monkeypatch):
+    calls, seen, loss, step = [0], [], gapt.iblm_loss, gapt.GAPT.step
+
+    def poisoned(ce, mbe, phase, w):                                 # steps 1, 3 and 4: NaN gradients
+        calls[0] += 1
+        return loss(ce, mbe, phase, w) * (float("nan") if calls[0] in (1, 3, 4) else 1.0)
+
+    def watched(self, ce, mbe):
+        seen.append(ce)
+        return step(self, ce, mbe)
+    monkeypatch.setattr(gapt, "iblm_loss", poisoned)
+    monkeypatch.setattr(gapt.GAPT, "step", watched)
+    r = run_gapt(*TINY, "--max_iters=6", "--max_bad_steps=3", "--eval_interval=0", "--n_eval=32",
+                 f"--out_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr                                # bad, good, bad, bad: never 3 in a row
+    assert [t["step"] for t in read_log(tmp_path, "skip")] == [1, 3, 4] and len(seen) == 3
+
+
+def test_token_shards_draw_windows_in_proportion_to_shard_length(tmp_path):
+    data.write_shard(tmp_path / "t_val_000000.bin", np.arange(100))
+    data.write_shard(tmp_path / "t_train_000001.bin", np.arange(20))
+    data.write_shard(tmp_path / "t_train_000002.bin", 1000 + np.arange(2000))
+    x, _ = data.TokenShards(tmp_path, 4, seed=0).batch(4000)
+    assert (x[:, 0] < 1000).float().mean().item() < 0.05            # ~1%, not a uniform shard's half
+
+
+def test_grad_alignment_is_a_cosine_of_two_different_gradients():
+    x = torch.randint(16, (4, 16))
+    cfg = {"layers": [1, 2], "patch_size": 8, "n_layer": 4}
+    cos, per_layer = gapt.grad_alignment(tiny_gpt(n_layer=4), x, x.roll(-1, 1), cfg)
+    assert -1 <= cos < 0.99 and all(-1 <= c < 0.99 for c in per_layer[:3])
+    assert per_layer[3] == 0                                          # above the last layer in M: no grad(M)
+
+
+def test_padded_arithmetic_trains_on_every_token_with_loss_all_but_tests_answers():
+    A = data.Arithmetic(0, 24, loss="all")
+    x, y = A.batch(16)
+    assert torch.equal((y >= 0).sum(1), (x != data.PAD).sum(1) - 1)   # every token after <bos>
+    xe, ye = A.eval_sets()["id"]
+    assert ((ye >= 0).sum(1) < (xe != data.PAD).sum(1) - 3).all()     # the answer only
