@@ -1457,12 +1457,16 @@ def compare(cfg):
         raise ConfigError("--compare runs its arms one after another: launch it with python")
     saved, fresh = os.path.join(cfg["out_dir"], "config.json"), cfg["init_from"]
     if fresh == "resume" and os.path.isfile(saved):   # the model, data and start of its arms
-        with open(saved) as f:
-            first = json.load(f)
+        try:
+            with open(saved) as f:
+                first = dict(json.load(f))
+        except (ValueError, TypeError):   # a torn write, stray bytes
+            raise ConfigError(f"{saved} is damaged: delete it (the arms not begun then start "
+                              f"from scratch)") from None
         given = {"data_dir": cfg["data_dir"]} if cfg["data_dir"] != DEFAULTS["data_dir"] else {}
         cfg = {**cfg, **{k: first.get(k, DEFAULTS[k]) for k in (*RESUMED, "weights", "data_dir")},
                **given}
-        fresh = first["init_from"]
+        fresh = first.get("init_from", "scratch")
     elif fresh == "resume":                           # a comparison from before config.json
         fresh = "scratch"
     elif cfg["task"] != "forgetting":                 # bad data input: one line, nothing moved

@@ -1696,6 +1696,9 @@ def test_a_resumed_comparison_starts_its_missing_arms_as_the_others(text_dir, tm
         c = gapt.read_checkpoint(out / f"{arm}_seed0" / "ckpt.pt")["config"]
         assert (c["n_layer"], c["n_embd"], c["val_tokens"], c["data_dir"]) == (2, 64, 64, str(shards))
     assert gapt.read_checkpoint(out / "gapt_seed0" / "ckpt.pt")["config"]["init_from"] == "gpt2"
+    (out / "config.json").write_text('{"task": "te')                 # torn
+    r = run_gapt(*args, "--init_from=resume")
+    assert r.returncode == 2 and "config.json is damaged" in r.stderr, r.stderr
 
 
 def test_gpt2_weights_that_cannot_load_are_one_line_errors(tmp_path, monkeypatch):
