@@ -590,7 +590,11 @@ def text_data(cfg, rank, world):
     d = data.TokenShards(cfg["data_dir"], cfg["block_size"], cfg["seed"], rank, world,
                          vocab_size=50257)   # GPT-2's; the model's rows up to 50304 are padding
     try:
+        if cfg["tokenizer_file"]:                 # given: checked now, used for the samples
+            data.get_tokenizer(cfg["tokenizer_file"])
         return d, {"val": d.val_batches(cfg["val_tokens"], cfg["batch_size"])}
+    except data.DataError as e:
+        raise ConfigError(f"--tokenizer_file: {e}") from None
     except ValueError as e:
         raise ConfigError(f"--val_tokens={cfg['val_tokens']}: {e}") from None
 
@@ -1339,6 +1343,7 @@ def print_samples(model, prompts, cfg, device, n_new=32):
         decode = lambda ids: enc.decode([i for i in ids if i < enc.n_vocab])   # noqa: E731
     except Exception:   # offline and no --tokenizer_file: show ids
         decode = str
+        print("samples as token ids: no GPT-2 BPE here (pass --tokenizer_file)")
     for row in idx.tolist():
         print("sample:", repr(decode(row)))
 
@@ -1411,6 +1416,8 @@ def forgetting_eval(model, d, patch_size):
 
 
 def train_forgetting(cfg):
+    if "RANK" in os.environ:
+        raise ConfigError("--task=forgetting runs in one process: launch it with python")
     if cfg["init_from"] == "resume":
         raise ConfigError("--task=forgetting takes seconds and keeps no checkpoint: run it again, "
                           "without --init_from")
@@ -1686,8 +1693,9 @@ def renyi_entropy(Z, alpha):
 
 def bench(cfg):
     """Median step times of a plain loop and of GAPT's phases, the MBE's share, the closed form."""
-    if "RANK" in os.environ or cfg["task"] == "forgetting":
-        raise ConfigError("--bench times the GPT in one process: "
+    if "RANK" in os.environ or cfg["task"] == "forgetting" or cfg["compare"] or \
+            cfg["init_from"] != "scratch":
+        raise ConfigError("--bench times a fresh GPT in one process, no --init_from or --compare: "
                           "python gapt.py --bench [--task=text --model=...]")
     device, ctx, scaler, _ = setup_device(cfg)
     cfg = resolve(cfg)
@@ -1780,22 +1788,27 @@ def main(argv=None):
             bench(cfg)
             return 0
         compare(cfg) if cfg["compare"] else run(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except ConfigError as e:   # the same on every rank: rank 0 says it
+        if os.environ.get("RANK", "0") == "0":
+            sys.stderr.write(f"error: {e}\n")
         return 2
     except (TrainingError, OSError) as e:   # OSError: e.g. a full disk, writing a log or figure
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")      # one write: ranks' lines do not interleave
         return 1
-    except (MemoryError, RuntimeError) as e:   # out of memory; a collective's --dist_timeout
+    except (MemoryError, RuntimeError) as e:   # out of memory; under torchrun, lost processes
         if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate" in str(e):
-            print(f"error: out of memory ({type(e).__name__}): try a smaller --batch_size, "
-                  f"--block_size or model", file=sys.stderr)
+            sys.stderr.write(f"error: out of memory ({type(e).__name__}): try a smaller "
+                             f"--batch_size, --block_size or model\n")
             return 1
-        if "RANK" not in os.environ or "timed out" not in str(e).lower():
+        timeout = "timed out" in str(e).lower()
+        lost = timeout or isinstance(e, getattr(torch.distributed, "DistError", ())) or \
+            re.search(r"connection|peer|pipe", str(e), re.I)   # gloo's, when a process is gone
+        if "RANK" not in os.environ or not lost:
             raise
-        print(f"error: rank {os.environ['RANK']}: no word from the other processes for "
-              f"--dist_timeout={cfg['dist_timeout']} s (one stalled or died); the last checkpoint, "
-              f"if any, is {os.path.join(cfg['out_dir'], 'ckpt.pt')}", file=sys.stderr)
+        why = f"no word for --dist_timeout={cfg['dist_timeout']} s" if timeout else "lost contact"
+        sys.stderr.write(f"error: rank {os.environ['RANK']}: the other processes stopped answering "
+                         f"({why}: one stalled, died or failed); the last checkpoint, if any, is "
+                         f"{os.path.join(cfg['out_dir'], 'ckpt.pt')}\n")
         return 1
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":
@@ -1814,7 +1827,11 @@ def interrupted(cfg, argv):
     drop = {i for i, a in enumerate(argv) if a.startswith("--init_from")}
     drop |= {i + 1 for i in drop if argv[i] == "--init_from"}          # --init_from VALUE
     flags = [a for i, a in enumerate(argv) if i not in drop] + ["--init_from=resume"]
-    again = shlex.join(["python", os.path.relpath(__file__), *flags])
+    world, local = os.environ.get("WORLD_SIZE", "1"), os.environ.get("LOCAL_WORLD_SIZE", "1")
+    launch = (["python"] if "RANK" not in os.environ else   # the same processes: an exact resume
+              ["torchrun", "--standalone", f"--nproc_per_node={world}"] if world == local else
+              ["torchrun", "<your launch flags>"])
+    again = shlex.join([*launch, os.path.relpath(__file__), *flags])
     where = os.path.join(cfg["out_dir"], "*_seed*" if cfg["compare"] else "", "ckpt.pt")
     return f"stopped (Ctrl-C); the last checkpoint is {where} (if one was written); resume: {again}"
 
