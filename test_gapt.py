@@ -889,7 +889,7 @@ def test_missing_hub_is_one_line(tmp_path, monkeypatch, capsys):
 
 def test_offline_is_one_line(tmp_path):
     """A stand-in for `datasets` whose stream breaks as it does when the network goes away:
-    the error is raised in the pool's feeder thread and must still end as one line."""
+    the error is raised while the documents are read, mid-stream, and must still end as one line."""
     (tmp_path / "datasets.py").write_text("def load_dataset(*args, **kwargs):\n    yield {'text': 'hi'}\n"
                                           "    raise ConnectionError('Max retries exceeded')\n")
     code, _, err = run_data("fineweb", "--shards", "1", "--out", tmp_path / "fw", "--tokenizer_file",
