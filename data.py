@@ -28,6 +28,11 @@ import numpy as np
 import tiktoken
 import torch
 
+
+class DataError(ValueError):
+    """Bad input: a missing, unreadable or damaged file, an empty corpus, a shard changed under a
+    run."""
+
 # -----------------------------------------------------------------------------
 # Arithmetic multiplication: "<bos>a x b = c<eos>", one character per token. The paper
 # trains on 1-3 digit operands and tests out-of-distribution (OOD) on 4-6 digits. The answer
@@ -261,12 +266,12 @@ def read_shard(path):
     per use and let it go; a memmap kept open makes the process's memory grow as pages are read."""
     header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
     if len(header) < HEADER_INTS or header[0] != SHARD_MAGIC:
-        raise ValueError(f"{path}: not a token shard (bad magic number)")
+        raise DataError(f"{path}: not a token shard (bad magic number)")
     if header[1] != SHARD_VERSION:
-        raise ValueError(f"{path}: shard version {header[1]}, expected {SHARD_VERSION}")
+        raise DataError(f"{path}: shard version {header[1]}, expected {SHARD_VERSION}")
     n, size = int(header[2]), os.path.getsize(path)
     if size != 4 * HEADER_INTS + 2 * n:
-        raise ValueError(f"{path}: the header says {n} tokens but the file has {size} bytes; "
+        raise DataError(f"{path}: the header says {n} tokens but the file has {size} bytes; "
                          "truncated?")
     return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * HEADER_INTS, shape=(n,))
 
@@ -321,6 +326,9 @@ class TokenShards(Resumable):
         for s in np.unique(shard):
             rows = shard == s
             tokens = read_shard(self.train[s])                   # opened for this batch only
+            if len(tokens) != self.lengths[s]:                   # rewritten by data.py, say
+                raise DataError(f"{self.train[s]} changed while the run read it: "
+                                f"{len(tokens)} tokens, {self.lengths[s]} at the start")
             buf[rows] = tokens[start[rows, None] + np.arange(T + 1)]
         return torch.from_numpy(buf[:, :-1].copy()), torch.from_numpy(buf[:, 1:].copy())
 
@@ -333,8 +341,8 @@ class TokenShards(Resumable):
         if n_tokens < T:
             raise ValueError(f"fewer than one window of block_size {T} tokens")
         if len(tokens) < n:
-            raise ValueError(f"cannot cut {n_tokens} val tokens into windows of {T}: "
-                             f"the val shards have {len(tokens)} of the {n} needed")
+            raise ValueError(f"the val shards have {len(tokens)} tokens: at most "
+                             f"--val_tokens={(len(tokens) - 1) // T * T} in windows of {T}")
         tokens = torch.from_numpy(tokens.astype(np.int64))
         x, y = tokens[:-1].view(-1, T), tokens[1:].view(-1, T)
         return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
@@ -344,10 +352,6 @@ class TokenShards(Resumable):
 # Making shards: python data.py fineweb|text ... (see --help). A pool of processes tokenises
 # the documents and pack() cuts their concatenation into shards. Bad input is one line
 # "error: ..." and exit code 2; no network or a missing optional package, one line and 1.
-
-class DataError(Exception):
-    """Bad input: a missing or unreadable file, an empty corpus."""
-
 
 class Unavailable(Exception):
     """No network, or a missing optional package (datasets, huggingface_hub: downloads only)."""
@@ -634,6 +638,10 @@ def main(argv=None):
     except (DataError, Unavailable) as e:
         print("error: " + str(e).replace("\n", " "), file=sys.stderr)
         return 2 if isinstance(e, DataError) else 1
+    except OSError as e:   # a full disk: the earlier corpus is whole, .partial removed
+        print(f"error: {e.strerror or e} (writing {args.out}); its earlier shards are kept",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("stopped (Ctrl-C); --out holds its earlier shards (with --cached, also those "
               "downloaded so far)", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Tests for gapt.py and data.py. CPU only; the whole file runs in a few minutes on 2 cores.
+"""Tests for gapt.py, experiments.py and data.py. CPU only; the whole file runs in a few minutes on 2 cores.
 
     python -m pytest            # everything
     python -m pytest -k mbe     # a part
@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
+import experiments
 import gapt
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -33,21 +34,26 @@ torch.set_num_threads(1)   # the tests' models are tiny: a second thread only wa
 TINY = ["--n_layer=3", "--n_head=2", "--n_embd=32", "--batch_size=16", "--log_interval=1"]
 
 
-def run_gapt(*args, env=None):
+def run_gapt(*args, env=None, script=gapt):
     """`python gapt.py ARGS` as a user runs it: (returncode, stdout, stderr). In this process, so the
     imports (torch, dynamo, matplotlib: ~8 s a process) are paid once; with env, in a fresh one. On
     the CPU unless a test names a device (the suite gives the same results on a machine with a GPU)."""
     argv = [*args, *([] if any(a.startswith("--device") for a in args) else ["--device=cpu"])]
     if env is not None:
-        return subprocess.run([sys.executable, os.path.join(HERE, "gapt.py"), *argv], capture_output=True,
+        return subprocess.run([sys.executable, script.__file__, *argv], capture_output=True,
                               text=True, timeout=240, cwd=HERE, env=env)
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
         try:
-            code = gapt.main(argv)
+            code = script.main(argv)
         except SystemExit as e:   # argparse's --help
             code = e.code or 0
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def run_exp(*args, env=None):
+    """`python experiments.py ARGS`, as run_gapt."""
+    return run_gapt(*args, env=env, script=experiments)
 
 
 read_log = gapt.read_log   # records of one kind from a run directory's log.jsonl
@@ -67,7 +73,7 @@ def reference_entropy(G, alpha):
 
 def mbe(Z, alpha=2.0):
     """Training's closed form for alpha = 2, the eigenvalue path for other orders."""
-    return gapt.matrix_entropy(Z) if alpha == 2 else gapt.renyi_entropy(Z, alpha)
+    return gapt.matrix_entropy(Z) if alpha == 2 else experiments.renyi_entropy(Z, alpha)
 
 
 def test_mbe_closed_form_equals_eigenvalue_formula():
@@ -76,14 +82,14 @@ def test_mbe_closed_form_equals_eigenvalue_formula():
         Z = torch.randn(N, D) * torch.rand(N, 1)   # unequal norms: not a trivial spectrum
         ref = reference_entropy(Z.double() @ Z.double().T, 2.0).item()
         assert gapt.matrix_entropy(Z).item() == pytest.approx(ref, abs=1e-5)
-        assert gapt.renyi_entropy(Z, 2.0).item() == pytest.approx(ref, abs=1e-5)
+        assert experiments.renyi_entropy(Z, 2.0).item() == pytest.approx(ref, abs=1e-5)
 
 
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 3.0])
 def test_mbe_other_orders_match_definition(alpha):
     torch.manual_seed(1)
     Z = torch.randn(3, 8, 12)   # a batch of three windows
-    got = gapt.renyi_entropy(Z, alpha)
+    got = experiments.renyi_entropy(Z, alpha)
     assert got.shape == (3,)
     ref = reference_entropy(Z.double() @ Z.double().mT, alpha)   # (3,): each window's Gram matrix
     for i in range(3):
@@ -395,6 +401,23 @@ def test_help_lists_every_flag():
     assert r.returncode == 0
     for key in gapt.DEFAULTS:
         assert f"--{key}" in r.stdout
+    assert "--compare" not in r.stdout and "--bench" not in r.stdout   # experiments.py's
+    r = run_exp("--help")                                              # its own flags first
+    assert r.returncode == 0 and r.stdout.index("--compare") < r.stdout.index("--task")
+    assert all(f"--{key}" in r.stdout for key in gapt.DEFAULTS) and "forgetting" in r.stdout
+
+
+@pytest.mark.parametrize("args", [["--compare=memorize,gapt", "--seeds=3"], ["--bench"],
+                                  ["--task=forgetting", "--max_iters=5"], ["--seeds=2"]])
+def test_gapt_names_the_experiments_command_for_its_flags(args, capsys):
+    assert gapt.main(["--device=cpu", *args]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {args[0]} runs in experiments.py: python experiments.py --device=cpu {' '.join(args)}\n"
+
+
+def test_experiments_alone_names_what_it_runs(capsys):
+    assert experiments.main(["--max_iters=1"]) == 2
+    assert "python gapt.py" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,msg", [
@@ -411,7 +434,7 @@ def test_help_lists_every_flag():
     (["--delta_ce=nan"], "finite"),
     (["--learning_rate=inf"], "finite"),
     (["--block_size=20"], "not divisible by --patch_size"),
-    (["--device=cuda:999"], "no such CUDA device"),
+    (["--device=cuda:999"], "no such device"),
     (["--device=tpu"], "--device=tpu"),
     (["--init_from=resume"], "no checkpoint"),
     (["--task=text", "--data_dir=nowhere"], "python data.py"),
@@ -422,13 +445,16 @@ def test_help_lists_every_flag():
     (["--ood_digits_min=2"], "--digits_max < --ood_digits_min"),   # OOD problems would be trained on
     (["--compare=gapt,gapt"], "each once"),                        # each seed twice, counted twice
     (["--optimizer=muon", "--muon_lr=1e300"], "--muon_lr"),        # Muon's own overflow traceback
-    (["--task=forgetting", "--init_from=resume"], "keeps no checkpoint"),
-    (["--task=forgetting", "--device=cuda"], "runs on the CPU"),
+    (["--task=forgetting", "--init_from=resume"], "no --init_from"),
+    (["--task=forgetting", "--device=cuda"], "on the CPU"),
     (["--seed=-1"], "must be >= 0"),
+    (["--weights=/nonexistent"], "--weights is read by --init_from=gpt2"),   # trained from scratch
+    (["--dist_timeout=99999999999999"], "--dist_timeout"),                  # timedelta's overflow
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, args, msg):
     out = tmp_path / "run"
-    code, err = gapt.main(["--device=cpu", *args, f"--out_dir={out}"]), capsys.readouterr().err   # as `python gapt.py`
+    main = experiments.main if any(a.startswith(gapt.EXPERIMENTS) for a in args) else gapt.main
+    code, err = main(["--device=cpu", *args, f"--out_dir={out}"]), capsys.readouterr().err   # as a user runs it
     assert code == 2, err
     assert msg in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not out.exists()
@@ -443,7 +469,9 @@ def test_unusable_output_paths_are_one_line_errors(tmp_path, capsys):
                        (["--compare=memorize", f"--out_dir={tmp_path / 'cmp'}", "--block_size=8"], "--block_size"),
                        (["--compare=memorize", f"--out_dir={tmp_path / 'cmp'}", f"--fig={tmp_path / 'f.txt'}"],
                         "--fig")):                                   # not after every run, as a traceback
-        code, err = gapt.main(["--device=cpu", *TINY, "--max_iters=2", "--seeds=1", *args]), capsys.readouterr().err
+        seeds = ["--seeds=1"] if "--compare" in args[0] else []
+        main = experiments.main if seeds else gapt.main
+        code, err = main(["--device=cpu", *TINY, "--max_iters=2", *seeds, *args]), capsys.readouterr().err
         assert code == 2 and err.startswith("error: ") and flag in err and len(err.strip().splitlines()) == 1, err
     assert afile.read_text() == "keep" and not (tmp_path / "cmp").exists()   # no comparison started
 
@@ -453,7 +481,7 @@ def test_fresh_run_moves_an_earlier_runs_files_aside(tmp_path):
     out = tmp_path / "run"
     assert run_gapt(*TINY, "--max_iters=4", "--eval_interval=2", f"--out_dir={out}").returncode == 0
     assert (out / "ckpt.pt").exists()
-    r = run_gapt("--task=forgetting", "--max_iters=20", f"--out_dir={out}")
+    r = run_exp("--task=forgetting", "--max_iters=20", f"--out_dir={out}")
     assert r.returncode == 0 and "kept in" in r.stdout and not (out / "ckpt.pt").exists(), r.stderr
     assert gapt.read_checkpoint(out / "earlier" / "1" / "ckpt.pt")["step"] == 4   # kept, not lost
     r = run_gapt(*TINY, "--init_from=resume", "--max_iters=6", f"--out_dir={out}")
@@ -472,9 +500,9 @@ def test_fresh_compare_moves_every_arms_run_aside_before_its_first_run(tmp_path,
         runs.append(cfg["out_dir"])
         if len(runs) > 1:
             raise KeyboardInterrupt
-    monkeypatch.setattr(gapt, "train_forgetting", stop_after_one)
+    monkeypatch.setattr(experiments, "forgetting", stop_after_one)
     with pytest.raises(KeyboardInterrupt):
-        gapt.compare(gapt.parse_args(["--task=forgetting", "--compare=memorize,gapt", "--seeds=1", f"--out_dir={out}"]))
+        experiments.compare(experiments.parse_args(["--task=forgetting", "--compare=memorize,gapt", "--seeds=1", f"--out_dir={out}"]))
     assert len(runs) == 2
     for d in ("memorize_seed0", "gapt_seed0"):
         assert not (out / d / "ckpt.pt").exists() and (out / "earlier/1" / d / "ckpt.pt").exists()
@@ -487,7 +515,7 @@ def test_grad_scaler_survives_a_skipped_step():
     cfg = {"grad_clip": 1.0}
     for ce, stepped in ((float("nan"), False), (1.0, True)):
         scaler.scale(model(torch.ones(1, 2)).sum()).backward()
-        assert bool(gapt.update(model, opt, scaler, cfg, torch.tensor([ce, 0.5, 1.0]))[4]) is stepped
+        assert bool(gapt.update(model, [opt], scaler, cfg, torch.tensor([ce, 0.5, 1.0]))[4]) is stepped
         assert all(p.grad is None for p in model.parameters())
 
 
@@ -1002,20 +1030,20 @@ def test_forgetting_data_is_seeded_and_m_moves_only_the_targets():
 
 def test_separation_on_hand_made_groups():
     ha = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])        # mean 0, mean squared distance to it 2
-    assert gapt.separation(ha, ha.clone()) == 0.0
+    assert experiments.separation(ha, ha.clone()) == 0.0
     shift = torch.tensor([3.0, 4.0])                       # means 5 apart
-    assert gapt.separation(ha, ha + shift) == pytest.approx(5 / math.sqrt(2))   # not 5: var sums over dims
+    assert experiments.separation(ha, ha + shift) == pytest.approx(5 / math.sqrt(2))   # not 5: var sums over dims
     hb = 3 * ha + shift                                    # spread 18: sqrt((2 + 18) / 2)
-    assert gapt.separation(ha, hb) == pytest.approx(5 / math.sqrt(10))
-    assert gapt.separation(ha, hb) == pytest.approx(gapt.separation(10 * hb, 10 * ha))   # symmetric, scale-free
+    assert experiments.separation(ha, hb) == pytest.approx(5 / math.sqrt(10))
+    assert experiments.separation(ha, hb) == pytest.approx(experiments.separation(10 * hb, 10 * ha))   # symmetric, scale-free
     point = torch.zeros(4, 2)
-    assert gapt.separation(point, point) == 0.0 and gapt.separation(point, point + 1) == math.inf
+    assert experiments.separation(point, point) == 0.0 and experiments.separation(point, point + 1) == math.inf
 
 
 def test_forgetting_run_logs_both_tasks_and_eval_metrics(tmp_path):
     # after the first step (any loss beats inf) no step improves L1 by > 1: compress after p_m = 50 more,
     # then never stop (no p_c plateau, no spike)
-    r = run_gapt("--task=forgetting", "--max_iters=60", "--p_m=50", "--delta_ce=1", "--p_c=1000", "--tau=1000",
+    r = run_exp("--task=forgetting", "--max_iters=60", "--p_m=50", "--delta_ce=1", "--p_c=1000", "--tau=1000",
                  "--log_interval=20", f"--out_dir={tmp_path}")
     assert r.returncode == 0, r.stderr
     assert "loss_A_after_B" in r.stdout and os.path.exists(tmp_path / "config.json")
@@ -1032,13 +1060,13 @@ def test_forgetting_run_logs_both_tasks_and_eval_metrics(tmp_path):
 
 
 def test_forgetting_compress_mode_always_compresses(tmp_path):
-    r = run_gapt("--task=forgetting", "--phase_mode=compress", "--max_iters=20", f"--out_dir={tmp_path}")
+    r = run_exp("--task=forgetting", "--phase_mode=compress", "--max_iters=20", f"--out_dir={tmp_path}")
     assert r.returncode == 0, r.stderr
     assert {r["phase"] for r in read_log(tmp_path, "train")} == {gapt.COMPRESS}
 
 
 def test_forgetting_patch_size_must_divide_the_samples(tmp_path, capsys):
-    assert gapt.main(["--task=forgetting", "--patch_size=7", f"--out_dir={tmp_path / 'out'}"]) == 2
+    assert experiments.main(["--task=forgetting", "--patch_size=7", f"--out_dir={tmp_path / 'out'}"]) == 2
     err = capsys.readouterr().err
     assert "--patch_size=7" in err and len(err.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "out")   # rejected before anything is written
@@ -1050,7 +1078,7 @@ def test_compression_lowers_the_hidden_layer_mbe(tmp_path):
     for mode in ("memorize", "compress"):   # same init and data; only the loss differs
         torch.manual_seed(0)
         cfg = dict(gapt.DEFAULTS, phase_mode=mode, max_iters=30, learning_rate=1e-2, mbe_weight=10.0)
-        gapt.fit_task(gapt.Student(10, 50), d["xa"], d["ya"], cfg, gapt.Logger(str(tmp_path), True), "A", 0)
+        experiments.fit_task(experiments.Student(10, 50), d["xa"], d["ya"], cfg, gapt.Logger(str(tmp_path / "log.jsonl")), "A", 0)
         last[mode] = read_log(tmp_path, "train")[-1]["mbe"]
     assert last["compress"] < 0.5 * last["memorize"]
 
@@ -1076,7 +1104,7 @@ B, T, P, D = 64, 24, 8, 128          # the default config's batch: (B*T/P, P, P)
 
 
 def test_bench_runs_and_prints_one_table(tmp_path):
-    r = run_gapt("--bench", "--n_layer=4", "--n_head=2", "--n_embd=32", "--batch_size=8", "--bench_steps=2",
+    r = run_exp("--bench", "--n_layer=4", "--n_head=2", "--n_embd=32", "--batch_size=8", "--bench_steps=2",
                  f"--out_dir={tmp_path / 'out'}")
     assert r.returncode == 0, r.stderr
     out = r.stdout
@@ -1089,7 +1117,7 @@ def test_bench_runs_and_prints_one_table(tmp_path):
 
 
 def test_bench_refuses_the_forgetting_toy():
-    r = run_gapt("--bench", "--task=forgetting")
+    r = run_exp("--bench", "--task=forgetting")
     assert r.returncode == 2 and "--bench" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -1106,11 +1134,11 @@ def test_closed_form_and_eigenvalue_path_agree_on_the_bench_blocks():
     Z = bench_windows()
     G = Z @ Z.transpose(-1, -2)
     assert G.shape == (B * T // P, P, P)
-    closed, eig_path = gapt.matrix_entropy(Z), gapt.renyi_entropy(Z, 1.0)
+    closed, eig_path = gapt.matrix_entropy(Z), experiments.renyi_entropy(Z, 1.0)
     assert closed.shape == eig_path.shape == (B * T // P,)
     assert torch.allclose(closed.double(), reference_entropy(G, 2.0), atol=1e-5)
     assert torch.allclose(eig_path.double(), reference_entropy(G, 1.0), atol=1e-4)
-    assert torch.allclose(gapt.renyi_entropy(Z, 2.0), closed, atol=1e-5)  # the closed form is S_2
+    assert torch.allclose(experiments.renyi_entropy(Z, 2.0), closed, atol=1e-5)  # the closed form is S_2
     assert closed.min() < 0.5 and closed.max() > 1.5                      # the test spans the range
     assert (eig_path >= closed - 1e-5).all()                              # Renyi orders: S_1 >= S_2
 
@@ -1169,17 +1197,17 @@ def test_text_task_bad_sizes_are_one_line_errors(text_dir, tmp_path):
 
 
 def test_cycle_stats_tell_a_slow_cycle_from_noise():
-    assert gapt.cycle_stats([0.1, -0.1] * 4) == ("cos > 0 in 50% of 8 measurements, 7 sign changes, "
+    assert experiments.cycle_stats([0.1, -0.1] * 4) == ("cos > 0 in 50% of 8 measurements, 7 sign changes, "
                                                  "lag-1 autocorrelation -1.00")
-    assert "too few" in gapt.cycle_stats([0.3, -0.2])
-    slow = gapt.cycle_stats(np.sin(np.linspace(0.5, 4 * np.pi - 0.5, 100)))   # two periods
+    assert "too few" in experiments.cycle_stats([0.3, -0.2])
+    slow = experiments.cycle_stats(np.sin(np.linspace(0.5, 4 * np.pi - 0.5, 100)))   # two periods
     assert "3 sign changes" in slow and float(slow.split()[-1]) > 0.95
 
 
 def test_compare_runs_every_arm_and_seed_then_table_and_figures(tmp_path):
     out, fig = tmp_path / "cmp", tmp_path / "figs" / "arith.png"
-    r = run_gapt(*TINY, "--max_iters=12", "--eval_interval=6", "--align_interval=3", "--p_m=2", "--p_c=2",
-                 "--compare=memorize,gapt", "--seeds=2", f"--out_dir={out}", f"--fig={fig}")
+    r = run_exp(*TINY, "--max_iters=12", "--eval_interval=6", "--align_interval=3", "--p_m=2", "--p_c=2",
+                "--compare=memorize,gapt", "--seeds=2", f"--out_dir={out}", f"--fig={fig}")
     assert r.returncode == 0, r.stderr
     assert sorted(set(os.listdir(out)) - {".lock"}) == ["config.json", "gapt_seed0", "gapt_seed1", "memorize_seed0",
                                                       "memorize_seed1", "results.json"]
@@ -1245,7 +1273,7 @@ def test_fused_optimizer_skips_a_non_finite_step_on_the_device(ce):
                   [{k: v.clone() for k, v in st.items()} for st in opt.state.values()])
         stats = torch.tensor([ce if step else 1.0, 0.5, 1.0])
         with HostReads() as reads:
-            out = gapt.update(model, opt, scaler, cfg, stats)
+            out = gapt.update(model, [opt], scaler, cfg, stats)
         assert reads.n == 0 and out.shape == (5,) and all(p.grad is None for p in model.parameters())
     assert out[4].item() == (ce == 1.0)
     same = all(torch.equal(a, b) for a, b in zip(before[0], model.parameters())) and all(
@@ -1253,33 +1281,40 @@ def test_fused_optimizer_skips_a_non_finite_step_on_the_device(ce):
     assert same == (ce != 1.0)                   # skipped: weights, moments and step count untouched
 
 
-def replay_phases(train, lag, p_m=3, p_c=3, delta_ce=0.05, tau=10):
-    """The phases Algorithm 1 gives when it sees step t's logged CE and M before step t + 1 + lag,
-    if step t ran in its current phase (at lag 1 the step in flight at a switch did not)."""
-    c, phases = gapt.GAPT(delta_ce, 0.002, tau, p_m, p_c), [gapt.MEMORIZE] * (1 + lag)
-    for t in train[:len(train) - 1 - lag]:
-        phases.append(c.step(t["ce"], t["mbe"]) if t["phase"] == c.phase else c.phase)
+def replay_phases(train, lag, evals=(), p_m=3, p_c=3, delta_ce=0.05, tau=10):
+    """The phases Algorithm 1 gives when the host reads step t's logged CE and M after launching
+    step t + lag (at the steps in evals, step t's own), and feeds them to the controller if step t
+    ran in its current phase (at lag 1 the step in flight at a switch did not)."""
+    c, phase, phases, unread = gapt.GAPT(delta_ce, 0.002, tau, p_m, p_c), gapt.MEMORIZE, [], []
+    for t in train:
+        phases.append(phase)
+        unread.append(t)
+        while len(unread) > (0 if t["step"] in evals else lag):
+            u = unread.pop(0)
+            phase = c.step(u["ce"], u["mbe"]) if u["phase"] == c.phase else phase
     return phases
 
 
 @pytest.mark.parametrize("lag", [0, 1])
 def test_read_lag_decides_each_phase_from_the_step_lag_before(tmp_path, lag):
     out = tmp_path / "run"
-    r = run_gapt(*STEADY, "--max_iters=40", "--eval_interval=15", f"--read_lag={lag}", f"--out_dir={out}")
+    r = run_gapt(*STEADY, "--max_iters=40", "--eval_interval=5", f"--read_lag={lag}", f"--out_dir={out}")
     assert r.returncode == 0, r.stderr
-    train = read_log(out, "train")
+    train, evals = read_log(out, "train"), range(5, 41, 5)
     assert [t["step"] for t in train] == list(range(1, 41))
-    assert [t["phase"] for t in train] == replay_phases(train, lag)
-    assert {t["phase"] for t in train} == {1, 2} and replay_phases(train, 1 - lag) != replay_phases(train, lag)
+    assert [t["phase"] for t in train] == replay_phases(train, lag, evals)
+    assert {t["phase"] for t in train} == {1, 2}
+    assert replay_phases(train, 1 - lag, evals) != replay_phases(train, lag, evals)
+    if lag:                                  # at an eval the host catches up: not lag 1 throughout
+        assert replay_phases(train, 1) != replay_phases(train, 1, evals)
 
 
 def test_resume_with_read_lag_one_reproduces_uninterrupted_run(tmp_path):
-    # the checkpoint holds the step the controller has not seen yet
+    # at a checkpoint the controller has seen every step (the host caught up at the eval)
     a, b = tmp_path / "straight", tmp_path / "resumed"
     args = [*STEADY, "--read_lag=1", "--eval_interval=10"]
     assert run_gapt(*args, "--max_iters=30", f"--out_dir={a}").returncode == 0
     assert run_gapt(*args, "--max_iters=15", f"--out_dir={b}").returncode == 0
-    assert len(gapt.read_checkpoint(b / "ckpt.pt")["pending"]) == 1
     r = run_gapt(*args, "--max_iters=30", f"--out_dir={b}", "--init_from=resume")
     assert r.returncode == 0, r.stderr
     straight, resumed = without_timing(read_log(a, "train")), without_timing(read_log(b, "train"))
@@ -1293,18 +1328,18 @@ def test_resume_with_read_lag_one_reproduces_uninterrupted_run(tmp_path):
 def test_t_quantile_matches_the_printed_t_table():
     for p, df, t in ((0.975, 1, 12.706), (0.975, 2, 4.303), (0.975, 3, 3.182), (0.975, 19, 2.093),
                      (0.975, 30, 2.042), (0.995, 3, 5.841), (0.95, 10, 1.812)):
-        assert gapt.t_quantile(p, df) == pytest.approx(t, abs=1e-3), (p, df)
-    assert gapt.t_quantile(0.975, 2000) == pytest.approx(1.961, abs=1e-3)   # the normal's: 1.960
+        assert experiments.t_quantile(p, df) == pytest.approx(t, abs=1e-3), (p, df)
+    assert experiments.t_quantile(0.975, 2000) == pytest.approx(1.961, abs=1e-3)   # the normal's: 1.960
 
 
 def test_paired_diff_is_the_hand_computed_paired_t_interval():
     # differences 1, 2, 3, 4: mean 2.5, sd 1.2910, t_{0.975,3} = 3.1824,
     # half-width 3.1824 * 1.2910 / sqrt(4) = 2.0542
-    r = gapt.paired_diff([10.0, 20.0, 30.0, 40.0], [11.0, 22.0, 33.0, 44.0])
+    r = experiments.paired_diff([10.0, 20.0, 30.0, 40.0], [11.0, 22.0, 33.0, 44.0])
     assert r["diff"] == 2.5 and r["ci95"] == pytest.approx([0.4458, 4.5542], abs=1e-4)
-    other = gapt.paired_diff([10.0, 20.0, 30.0, 40.0], [22.0, 11.0, 44.0, 33.0])   # re-paired
+    other = experiments.paired_diff([10.0, 20.0, 30.0, 40.0], [22.0, 11.0, 44.0, 33.0])   # re-paired
     assert other["diff"] == pytest.approx(2.5) and other["ci95"][0] < -10 and other["ci95"][1] > 15
-    assert gapt.paired_diff([1.0], [3.0]) == {"diff": 2.0, "ci95": None}   # one seed: no interval
+    assert experiments.paired_diff([1.0], [3.0]) == {"diff": 2.0, "ci95": None}   # one seed: no interval
 
 
 def test_compare_table_differences_are_from_the_first_arm_and_paired_by_seed(tmp_path, capsys):
@@ -1318,7 +1353,7 @@ def test_compare_table_differences_are_from_the_first_arm_and_paired_by_seed(tmp
                     {"kind": "eval", "step": 2, "separation": float(sep), "loss": 0.5,
                      "layers": [1.0, 2.0]}]                                   # no table column
             Path(out, "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    table = json.loads(json.dumps(gapt.compare_table(dirs)))   # as results.json holds it
+    table = json.loads(json.dumps(experiments.compare_table(dirs)))   # as results.json holds it
     assert table["memorize"] == {"separation": [2.5, pytest.approx(1.2910, abs=1e-4)],
                                  "loss": [0.5, 0.0]}
     vs = table["gapt"]["vs_memorize"]["separation"]                     # differences 1, 2, 3, 4
@@ -1333,7 +1368,7 @@ def test_compare_table_differences_are_from_the_first_arm_and_paired_by_seed(tmp
 
 def test_compare_writes_each_arms_paired_differences_to_results_json(tmp_path):
     out = tmp_path / "cmp"
-    r = run_gapt("--task=forgetting", "--compare=memorize,gapt", "--seeds=3", "--max_iters=10",
+    r = run_exp("--task=forgetting", "--compare=memorize,gapt", "--seeds=3", "--max_iters=10",
                  f"--out_dir={out}", f"--fig={tmp_path / 'forget.png'}")
     assert r.returncode == 0, r.stderr
     table = json.loads((out / "results.json").read_text())
@@ -1379,7 +1414,7 @@ def test_fresh_runs_into_one_out_dir_keep_every_earlier_run(tmp_path, capsys):
     logs = []
     for seed in (1, 2, 3):
         args = ["--task=forgetting", "--max_iters=5", f"--seed={seed}", f"--out_dir={out}"]
-        assert gapt.main(args) == 0
+        assert experiments.main(args) == 0
         logs.append((out / "log.jsonl").read_text())
     assert "kept in" in capsys.readouterr().out
     assert [(out / "earlier" / n / "log.jsonl").read_text() for n in ("1", "2")] == logs[:2]
@@ -1460,9 +1495,10 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_no_tmp(tmp_
             self.f.write(bytes(b)[:10])
             raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(gapt, "open", lambda p, m="r": Full(real_open(p, m)), raising=False)
-    with pytest.raises(gapt.TrainingError, match="No space left on device.*checkpoint .* kept"):
+    with pytest.raises(OSError, match="No space left on device") as e:
         gapt.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
     monkeypatch.undo()
+    assert e.value.filename == path                                   # named, for main's one line
     assert os.listdir(tmp_path) == ["ckpt.pt"] and gapt.read_checkpoint(path)["step"] == 1
 
 
@@ -1502,7 +1538,7 @@ def test_the_schedule_never_rises_above_the_learning_rate():
 def test_out_of_memory_is_one_line(monkeypatch, capsys, error):
     def run(cfg):
         raise error
-    monkeypatch.setattr(gapt, "run", run)
+    monkeypatch.setattr(gapt, "train", run)
     one_line_error(gapt.main(["--device=cpu"]), capsys.readouterr().err, 1, "out of memory", "--batch_size")
 
 
@@ -1510,19 +1546,19 @@ def test_a_comparison_keeps_its_earlier_runs_on_bad_input_and_names_a_missing_lo
     out = tmp_path / "cmp"
     out.mkdir()
     (out / "results.json").write_text("{}")                          # a finished comparison
-    code = gapt.main(["--device=cpu", "--task=text", f"--data_dir={tmp_path / 'none'}",
-                      "--compare=memorize,gapt", f"--out_dir={out}"])
+    code = experiments.main(["--device=cpu", "--task=text", f"--data_dir={tmp_path / 'none'}",
+                             "--compare=memorize,gapt", f"--out_dir={out}"])
     one_line_error(code, capsys.readouterr().err, 2, "no train shards")
     assert sorted(os.listdir(out)) == ["results.json"]               # not moved to earlier/1
     (out / "earlier").write_text("")                                 # a file in the way
-    code = gapt.main(["--device=cpu", "--task=forgetting", "--compare=gapt", "--seeds=1", f"--out_dir={out}"])
+    code = experiments.main(["--device=cpu", "--task=forgetting", "--compare=gapt", "--seeds=1", f"--out_dir={out}"])
     one_line_error(code, capsys.readouterr().err, 2, "earlier")
     args = ["--device=cpu", *FAST, "--max_iters=3", "--eval_interval=0", "--compare=gapt,memorize", "--seeds=1",
             f"--out_dir={tmp_path / 'c2'}"]
-    assert gapt.main(args) == 0
+    assert experiments.main(args) == 0
     os.remove(tmp_path / "c2" / "gapt_seed0" / "log.jsonl")
     capsys.readouterr()
-    code = gapt.main([*args, "--init_from=resume"])                 # nothing to train: no eval logged
+    code = experiments.main([*args, "--init_from=resume"])                 # nothing to train: no eval logged
     one_line_error(code, capsys.readouterr().err, 1, "gapt_seed0/log.jsonl holds no eval")
 
 
@@ -1584,7 +1620,7 @@ def test_a_stalled_or_dead_rank_stops_the_other_in_one_line(tmp_path, sig):
 def test_muon_takes_the_block_matrices_and_adamw_the_rest(monkeypatch):
     cfg = gapt.resolve(dict(gapt.DEFAULTS, n_layer=2, n_head=2, n_embd=32, optimizer="muon"))
     model, opt = gapt.build(cfg, torch.device("cpu"))
-    muon, adamw = opt.opts
+    muon, adamw = opt
     name = {id(p): n for n, p in model.named_parameters()}
     in_muon = sorted(name[id(p)] for g in muon.param_groups for p in g["params"])
     assert in_muon == sorted(n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2)
@@ -1607,7 +1643,7 @@ def test_resume_with_muon_reproduces_uninterrupted_run(tmp_path):
     assert r.returncode == 0, r.stderr
     straight, resumed = without_timing(read_log(a, "train")), without_timing(read_log(b, "train"))
     assert len(straight) == 20 and {t["phase"] for t in straight} == {1, 2} and straight == resumed
-    muon, adamw = gapt.read_checkpoint(b / "ckpt.pt")["optimizer"]["optimizers"]
+    muon, adamw = gapt.read_checkpoint(b / "ckpt.pt")["optimizer"]
     assert len(muon["state"]) == 3 * 4 and adamw["state"]           # both optimizers' states were saved
     assert muon["param_groups"][0]["lr"] == pytest.approx(0.01)      # its own peak, not AdamW's 3e-3
 
@@ -1689,17 +1725,17 @@ def test_a_resumed_comparison_starts_its_missing_arms_as_the_others(text_dir, tm
     out = tmp_path / "cmp"
     args = ["--task=text", "--block_size=16", "--batch_size=4", "--val_tokens=64", "--max_iters=3",
             "--eval_interval=0", "--seeds=1", "--compare=memorize,gapt", f"--out_dir={out}"]
-    r = run_gapt(*args, f"--data_dir={shards}", "--init_from=gpt2", f"--weights={tmp_path / 'hf'}")
+    r = run_exp(*args, f"--data_dir={shards}", "--init_from=gpt2", f"--weights={tmp_path / 'hf'}")
     assert r.returncode == 0, r.stderr
     shutil.rmtree(out / "gapt_seed0")                                 # stopped before this arm began
-    r = run_gapt(*args, "--init_from=resume")                          # Ctrl-C's line, less --data_dir
+    r = run_exp(*args, "--init_from=resume")                           # Ctrl-C's line, less --data_dir
     assert r.returncode == 0, r.stderr
     for arm in ("memorize", "gapt"):
         c = gapt.read_checkpoint(out / f"{arm}_seed0" / "ckpt.pt")["config"]
         assert (c["n_layer"], c["n_embd"], c["val_tokens"], c["data_dir"]) == (2, 64, 64, str(shards))
     assert gapt.read_checkpoint(out / "gapt_seed0" / "ckpt.pt")["config"]["init_from"] == "gpt2"
     (out / "config.json").write_text('{"task": "te')                 # torn
-    r = run_gapt(*args, "--init_from=resume")
+    r = run_exp(*args, "--init_from=resume")
     assert r.returncode == 2 and "config.json is damaged" in r.stderr, r.stderr
 
 
@@ -1739,7 +1775,7 @@ def test_update_follows_the_loaded_groups_fused_flag():
     fused = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
     fused.load_state_dict(plain.state_dict())          # the groups now say fused=False
     model(torch.ones(2, 4)).sum().backward()
-    out = gapt.update(model, fused, torch.amp.GradScaler("cpu", enabled=False), {"grad_clip": 1.0},
+    out = gapt.update(model, [fused], torch.amp.GradScaler("cpu", enabled=False), {"grad_clip": 1.0},
                       torch.tensor([1.0, 0.5, 1.0]))
     assert out[4].item() == 1.0
 
@@ -1757,23 +1793,29 @@ def test_rank_zero_lock_error_stops_every_torchrun_process(tmp_path):
     assert "Traceback" not in "".join(l for l in r.stderr.splitlines(True) if "error:" in l)
 
 
-def test_ctrl_c_resume_line_drops_a_spaced_init_from_and_bench_has_none():
-    cfg = gapt.parse_args(["--task", "text", "--init_from", "gpt2"])
-    line = gapt.interrupted(cfg, ["--task", "text", "--init_from", "gpt2"])
-    assert line.endswith("--task text --init_from=resume") and "gpt2" not in line
-    assert "nothing to resume" in gapt.interrupted(gapt.parse_args(["--bench"]), ["--bench"])
+def test_ctrl_c_resume_line_drops_a_spaced_init_from_and_bench_has_none(tmp_path):
+    argv = ["--task", "text", "--init_from", "gpt2", "--weights", "w.bin", f"--out_dir={tmp_path}"]
+    cfg = gapt.parse_args(argv)
+    assert "nothing to resume" in gapt.interrupted(cfg, argv)          # no checkpoint yet
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    line = gapt.interrupted(cfg, argv)
+    assert line.endswith(f"--task text --out_dir={tmp_path} --init_from=resume") and "gpt2" not in line
+    assert "nothing to resume" in gapt.interrupted(experiments.parse_args(["--bench"]), ["--bench"])
 
 
-def test_under_torchrun_ctrl_c_names_torchrun_and_bad_input_is_said_once(monkeypatch, capsys):
+def test_under_torchrun_ctrl_c_names_torchrun_and_bad_input_is_said_once(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("out")
+    open("out/ckpt.pt", "w").close()
     line = gapt.interrupted(gapt.parse_args([]), [])       # a python resume would halve the batch
-    assert "resume: torchrun --standalone --nproc_per_node=2 gapt.py --init_from=resume" in line
+    assert f"resume: torchrun --standalone --nproc_per_node=2 {os.path.relpath(gapt.__file__)} --init_from=resume" in line
     assert gapt.main(["--bogus=1"]) == 2 and capsys.readouterr().err == ""   # rank 0 says it
     for args in (["--task=forgetting"], ["--bench", "--init_from=gpt2"]):      # one process only
         monkeypatch.setenv("RANK", "0")
-        one_line_error(gapt.main(["--device=cpu", *args]), capsys.readouterr().err, 2, "python")
+        one_line_error(experiments.main(["--device=cpu", *args]), capsys.readouterr().err, 2, "python")
 
 
 def test_a_bad_tokenizer_file_is_named_before_a_text_run(tmp_path, capsys):
@@ -1924,7 +1966,7 @@ def test_update_skips_a_non_finite_step_on_the_host_path(stats, grad):
     opt, scaler = torch.optim.AdamW(model.parameters(), lr=0.1), torch.amp.GradScaler("cpu", enabled=False)
     (model(torch.ones(1, 2)).sum() * grad).backward()
     before = [p.detach().clone() for p in model.parameters()]
-    out = gapt.update(model, opt, scaler, {"grad_clip": 1.0}, torch.tensor([*stats, 1.0]))
+    out = gapt.update(model, [opt], scaler, {"grad_clip": 1.0}, torch.tensor([*stats, 1.0]))
     ok = all(math.isfinite(v) for v in (*stats, grad))
     assert out[4].item() == ok
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) is not ok

@@ -1,0 +1,500 @@
+"""
+What runs or measures many gapt.py runs, as nanoGPT's bench.py sits beside its train.py:
+
+    python experiments.py --compare=memorize,gapt --seeds=3   # arms x seeds: a table with paired
+                                                             # intervals, results.json, figures
+    python experiments.py --task=forgetting                  # the forgetting toy: an MLP, seconds
+    python experiments.py --task=forgetting --compare=memorize,gapt,compress --seeds=20
+    python experiments.py --bench                            # ms/step: memorise, compress, plain
+    python experiments.py --help                             # its flags, then every gapt.py flag
+
+Every gapt.py flag works here too, for each run. Read top to bottom: the flags, the forgetting
+toy, comparisons (runs, table, intervals, figures), the benchmark, main. It imports gapt.py and
+data.py; they never import it.
+"""
+import json
+import math
+import os
+import time
+from collections import deque
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import gapt
+from gapt import COMPRESS, MEMORIZE, ConfigError, TrainingError, read_log
+
+FLAGS = [
+    "experiments.py",
+    ("compare", "", "phase modes to run, e.g. memorize,gapt,compress, x --seeds: a table, figures"),
+    ("seeds", 3, "seeds per arm for --compare (--seed, --seed+1, ...)"),
+    ("fig", "", "--compare's figure (default out_dir/<task>.png; cycle.png beside it)"),
+    ("bench", False, "time memorise and compress steps against a plain loop; train nothing"),
+    ("bench_steps", 20, "--bench: timed steps per mode, after 3 warm-up steps"),
+    ("forget_m", 0.8, "--task=forgetting: teachers A theta0 + m Delta, B theta0 - m Delta"),
+]
+CHOICES = {**gapt.CHOICES, "task": ("arithmetic", "text", "forgetting")}
+
+# -----------------------------------------------------------------------------
+# Catastrophic-forgetting toy (--task=forgetting): a student MLP learns task A, then task B
+# (data.forgetting_data) under gapt.py's IBLM loss and controller, with the L1 loss in place of
+# CE and M the MBE of its hidden layer over windows of patch_size samples. The paper's claim:
+# compression separates the two tasks' representations and so reduces interference. A run
+# takes seconds on a CPU: no device, DDP or checkpoint machinery (nothing worth resuming).
+
+
+class Student(nn.Module):
+    """The teacher's shape, n_in -> n_hidden -> 1 with ReLU; also returns the hidden layer."""
+
+    def __init__(self, n_in, n_hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(n_in, n_hidden), nn.Linear(n_hidden, 1)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))                                        # (n, n_hidden)
+        return self.fc2(h), h
+
+
+def separation(ha, hb):
+    """||mean(ha) - mean(hb)|| / sqrt((var_a + var_b) / 2), var the mean squared distance to the
+    group's mean: how far apart two groups of vectors (n, D) lie, in units of their spread."""
+    d = (ha.mean(0) - hb.mean(0)).norm().item()
+    s = math.sqrt(sum((h - h.mean(0)).square().sum(1).mean().item() for h in (ha, hb)) / 2)
+    return d / s if s > 0 else (0.0 if d == 0 else math.inf)   # no spread: two points, apart or not
+
+
+def fit_task(model, x, y, cfg, log, task, start):
+    """max_iters full-batch Adam steps on L1 (+ mbe_weight * M when compressing) -> the last step.
+    The learning rate is constant: a schedule across both tasks would learn B slower than A.
+    The controller starts afresh: carried over, its best loss would be A's, which B's early
+    losses never improve on, so it would compress after p_m steps while B is still unlearnt.
+    A step with a non-finite loss is skipped, as in gapt.py, and max_bad_steps in a row stop."""
+    ctrl, phase = gapt.controller(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["learning_rate"])   # no task-A moments in B
+    n_compress = bad = 0
+    for step in range(start + 1, start + cfg["max_iters"] + 1):
+        pred, h = model(x)
+        l1 = F.l1_loss(pred, y)
+        hs = [(h if phase == COMPRESS else h.detach())[None]]   # samples as one (1, n, D) sequence
+        M = gapt.layer_mbe(hs, [0], cfg["patch_size"])[0]       # in memorisation only watched
+        if not (math.isfinite(l1.item()) and math.isfinite(M.item())):
+            bad += 1
+            log.record(kind="skip", step=step, task=task, loss=l1.item(), mbe=M.item())
+            if bad >= cfg["max_bad_steps"]:
+                raise TrainingError(f"task {task}, step {step}: {bad} consecutive non-finite "
+                                    f"losses (try a lower --learning_rate)")
+            continue
+        opt.zero_grad(set_to_none=True)
+        gapt.iblm_loss(l1, M, phase, cfg["mbe_weight"]).backward()
+        opt.step()
+        used, n_compress, bad = phase, n_compress + (phase == COMPRESS), 0
+        if cfg["phase_mode"] == "gapt":
+            phase = ctrl.step(l1.item(), M.item())
+        log.record(kind="train", step=step, task=task, phase=used, loss=l1.item(), mbe=M.item())
+        if step % cfg["log_interval"] == 0:
+            log.print(f"task {task} step {step:>5} | {gapt.PHASES[used]} | "
+                      f"l1 {l1.item():.4f} | mbe {M.item():.4f}")
+    log.print(f"task {task}: compression {100 * n_compress / cfg['max_iters']:.0f}% of "
+              f"{cfg['max_iters']} steps")
+    return step
+
+
+@torch.no_grad()
+def forgetting_eval(model, d, patch_size):
+    """Held-out L1 on A and B, the separation of the two tasks' hidden layers, and their MBE."""
+    (pa, ha), (pb, hb) = model(d["xa_test"]), model(d["xb_test"])
+    mbe = lambda h: gapt.layer_mbe([h[None]], [0], patch_size).item()   # noqa: E731
+    return {"loss_A": F.l1_loss(pa, d["ya_test"]).item(),
+            "loss_B": F.l1_loss(pb, d["yb_test"]).item(), "separation": separation(ha, hb),
+            "mbe_A": mbe(ha), "mbe_B": mbe(hb)}
+
+
+def forgetting(cfg):
+    if "RANK" in os.environ or cfg["init_from"] != "scratch" or \
+            cfg["device"] not in ("auto", "cpu"):
+        raise ConfigError("--task=forgetting trains a small MLP in seconds, from scratch (no "
+                          "--init_from) on the CPU: launch it with python")
+    n_in, n_hidden = 10, 50                          # the paper's teacher, and so the student
+    d = data.forgetting_data(cfg["seed"], n_in, n_hidden, cfg["forget_m"])
+    if len(d["xa"]) % cfg["patch_size"] or len(d["xa_test"]) % cfg["patch_size"]:
+        raise ConfigError(f"--patch_size={cfg['patch_size']} must divide the toy's {len(d['xa'])} "
+                          f"samples per task")
+    torch.set_num_threads(1)   # matmuls this small only wait on each other in threads (20x slower)
+    torch.manual_seed(cfg["seed"])
+    model = Student(n_in, n_hidden)
+    log = gapt.open_run(cfg, True)
+    log.print(f"forgetting toy: {n_in} -> {n_hidden} -> 1 student, {len(d['xa'])} samples per task,"
+              f" {cfg['max_iters']} steps on A then on B, MBE over windows of {cfg['patch_size']}")
+    step = fit_task(model, d["xa"], d["ya"], cfg, log, "A", 0)
+    after_a = forgetting_eval(model, d, cfg["patch_size"])
+    fit_task(model, d["xb"], d["yb"], cfg, log, "B", step)
+    after_b = forgetting_eval(model, d, cfg["patch_size"])
+    metrics = {"loss_A_after_A": after_a["loss_A"], "loss_A_after_B": after_b.pop("loss_A"),
+               **after_b}
+    log.record(kind="eval", step=2 * cfg["max_iters"], **metrics)
+    log.print("eval (held out; loss_A_after_B is the interference) | "
+              + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+# -----------------------------------------------------------------------------
+# Comparisons: one config run under several phase modes and seeds (identical data and steps
+# per seed across arms), a table of final metrics (mean +- std), each arm's paired difference
+# from the first with a t interval, and figures.
+
+PANELS = {   # (logged metric, axis label): the panels of --compare's figure, per task
+    "arithmetic": (("ood_ce", "OOD answer CE (nats)"), ("ood_conf", "OOD confidence (top p)"),
+                   ("id_acc", "ID exact match"), ("ood_acc", "OOD exact match")),
+    "text": (("val_ce", "val CE (nats/token)"), ("val_mbe_layers", "val MBE per layer")),
+    "forgetting": (("separation", "separation of A and B (held out)"),
+                   ("loss_A_after_B", "L1 loss on A after B (interference)"),
+                   ("loss_B", "L1 loss on B"))}
+COMPARE_FILES = r"results\.json|config\.json|(arithmetic|text|forgetting|cycle)\.png|.*_seed\d+"
+
+
+def one_run(cfg):
+    return forgetting(cfg) if cfg["task"] == "forgetting" else gapt.train(cfg)
+
+
+def compare(cfg):
+    """Every arm (a phase mode) x --seeds runs into out_dir/<arm>_seed<s>, then the table, the
+    paired differences and the figures. Seeds outer: a stopped comparison has every arm for the
+    seeds done, and --init_from=resume continues it: arms not started yet start as the others did,
+    from the comparison's config.json."""
+    arms, modes = cfg["compare"].split(","), gapt.CHOICES["phase_mode"]
+    if any(a not in modes for a in arms) or len(set(arms)) < len(arms):
+        raise ConfigError(f"--compare={cfg['compare']}: a comma list of {' | '.join(modes)}, "
+                          f"each once")
+    if "RANK" in os.environ:
+        raise ConfigError("--compare runs its arms one after another: launch it with python")
+    saved, fresh = os.path.join(cfg["out_dir"], "config.json"), cfg["init_from"]
+    if fresh == "resume" and os.path.isfile(saved):   # the model, data and start of its arms
+        try:
+            with open(saved) as f:
+                first = dict(json.load(f))
+        except (ValueError, TypeError):   # a torn write, stray bytes
+            raise ConfigError(f"{saved} is damaged: delete it (the arms not begun then start "
+                              f"from scratch)") from None
+        keep = {"data_dir": cfg["data_dir"]} if cfg["data_dir"] != gapt.DEFAULTS["data_dir"] else {}
+        cfg = {**cfg, **{k: first.get(k, gapt.DEFAULTS[k])
+                         for k in (*gapt.RESUMED, "weights", "data_dir")}, **keep}
+        fresh = first.get("init_from", "scratch")
+    elif fresh == "resume":                           # a comparison from before config.json
+        fresh = "scratch"
+    elif cfg["task"] != "forgetting":                 # bad data input: one line, nothing moved
+        gapt.make_data(gapt.resolve(cfg), 0, 1)
+    path = cfg["fig"] or os.path.join(cfg["out_dir"], cfg["task"] + ".png")
+    from matplotlib.backend_bases import FigureCanvasBase   # the formats savefig writes
+    if os.path.splitext(path)[1][1:].lower() not in FigureCanvasBase.get_supported_filetypes():
+        raise ConfigError(f"--fig={path}: name an image file: .png, .pdf, .svg, ...")
+    made = not os.path.isdir(cfg["out_dir"])
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        lock = gapt.lock_dir(cfg["out_dir"])          # held to the end
+        if cfg["init_from"] != "resume":   # a fresh comparison: no arm may resume an earlier one's
+            gapt.keep_earlier_run(cfg["out_dir"], COMPARE_FILES)
+            gapt.write_atomic(saved, json.dumps(cfg, indent=1).encode())
+    except OSError as e:
+        flag = "fig" if e.filename and not e.filename.startswith(cfg["out_dir"]) else "out_dir"
+        raise ConfigError(f"--{flag}: cannot write {e.filename} ({e.strerror or e})") from None
+    dirs = {arm: [] for arm in arms}
+    for s in range(cfg["seeds"]):
+        for arm in arms:
+            out = os.path.join(cfg["out_dir"], f"{arm}_seed{s}")
+            print(f"=== {arm}, seed {cfg['seed'] + s} -> {out}", flush=True)
+            resume = cfg["init_from"] == "resume" and os.path.exists(os.path.join(out, "ckpt.pt"))
+            try:
+                one_run(dict(cfg, phase_mode=arm, seed=cfg["seed"] + s, out_dir=out, compare="",
+                             init_from="resume" if resume else fresh))
+            except ConfigError:   # bad input found by the first run: no out_dir made for nothing
+                if made and sorted(os.listdir(cfg["out_dir"])) == [".lock", "config.json"]:
+                    for name in (saved, lock.name):
+                        os.remove(name)
+                    os.rmdir(cfg["out_dir"])
+                raise
+            dirs[arm].append(out)
+    table = compare_table(dirs)   # JSON has no NaN or Infinity: null where a value is not finite
+    gapt.write_atomic(os.path.join(cfg["out_dir"], "results.json"), json.dumps(json.loads(
+        json.dumps(table), parse_constant=lambda c: None), indent=1).encode())
+    plot_compare(dirs, cfg, path)
+    print(f"figure: {path}\nresults: {os.path.join(cfg['out_dir'], 'results.json')}")
+    aligns = {(arm, s): [r["cos"] for r in read_log(out, "align", "cos")]
+              for arm, outs in dirs.items() for s, out in enumerate(outs)}
+    if any(aligns.values()):
+        plot_cycle(dirs, os.path.join(os.path.dirname(path), "cycle.png"))
+        print(f"figure: {os.path.join(os.path.dirname(path), 'cycle.png')}")
+        for (arm, s), cos in aligns.items():
+            print(f"cycle, {arm} seed {cfg['seed'] + s}: {cycle_stats(cos)}")
+
+
+def sd(v):
+    """Sample standard deviation over seeds (axis 0); 0 for a single seed."""
+    v = np.asarray(v, dtype=float)
+    return v.std(0, ddof=1) if len(v) > 1 else np.zeros(v.shape[1:])
+
+
+def t_quantile(p, df):
+    """Student's t quantile (p > 0.5, integer df) by bisection on the exact CDF: P(|T| < t) is a
+    finite sum in cos(theta)^2, theta = atan(t / sqrt(df)) (Abramowitz & Stegun 26.7.3-4)."""
+    def central(t):   # P(|T| < t)
+        th = math.atan(t / math.sqrt(df))
+        term, total = 1.0, 0.0
+        for j in range(df // 2):
+            total += term
+            term *= math.cos(th) ** 2 * (2 * j + 1 + df % 2) / (2 * j + 2 + df % 2)
+        if df % 2 == 0:
+            return math.sin(th) * total
+        return 2 / math.pi * (th + math.sin(th) * math.cos(th) * total)
+    lo, hi = 0.0, 1.0
+    while central(hi) < 2 * p - 1:
+        lo, hi = hi, 2 * hi
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if central(mid) < 2 * p - 1 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired_diff(base, other, level=0.95):
+    """Mean of other - base over seeds, paired by seed (the arms share data and seeds), and its
+    paired t interval, mean +- t_{(1+level)/2, n-1} * sd / sqrt(n); None for a single seed."""
+    d = np.asarray(other, dtype=float) - np.asarray(base, dtype=float)
+    if len(d) < 2:
+        return {"diff": float(d.mean()), "ci95": None}
+    half = t_quantile((1 + level) / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    return {"diff": float(d.mean()), "ci95": [float(d.mean() - half), float(d.mean() + half)]}
+
+
+def compare_table(dirs):
+    """Final eval metrics per arm: mean and std over seeds, and each later arm's paired difference
+    from the first (the baseline) with its 95% t interval, under "vs_<baseline>"; as markdown."""
+    finals = {a: [(read_log(o, "eval") or [None])[-1] for o in outs] for a, outs in dirs.items()}
+    empty = [o for arm, outs in dirs.items() for o, f in zip(outs, finals[arm]) if f is None]
+    if empty:   # its log.jsonl was deleted, say
+        raise TrainingError(f"{empty[0]}/log.jsonl holds no eval: delete that folder and resume")
+    base, n = next(iter(dirs)), len(dirs[next(iter(dirs))])
+    keys = [k for k, v in finals[base][0].items() if isinstance(v, float)
+            and all(isinstance(f.get(k), (int, float)) for fs in finals.values() for f in fs)]
+    vals = {arm: {k: [f[k] for f in fs] for k in keys} for arm, fs in finals.items()}
+    table = {arm: {k: (float(np.mean(v)), float(sd(v))) for k, v in row.items()}
+             for arm, row in vals.items()}
+    head = " | ".join(keys) + " |\n" + "|---" * (len(keys) + 1) + "|"
+    print(f"\n| arm (n={n}) | {head}")
+    for arm, row in table.items():
+        print(f"| {arm} | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in row.values()) + " |")
+    if len(dirs) > 1:
+        print(f"\n| arm - {base}: mean [95% paired t interval] | {head}")
+    for arm in list(dirs)[1:]:
+        diffs = {k: paired_diff(vals[base][k], vals[arm][k]) for k in keys}
+        table[arm]["vs_" + base] = diffs
+        lohi = [d["ci95"] or (math.nan, math.nan) for d in diffs.values()]   # nan: a single seed
+        print(f"| {arm} | " + " | ".join(f"{d['diff']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+                                         for d, (lo, hi) in zip(diffs.values(), lohi)) + " |")
+    return table
+
+
+def cycle_stats(cos):
+    """How the gradient alignment behaves over a run: a slow cycle shows as few sign changes and
+    a lag-1 autocorrelation near 1; step-to-step noise as many changes and one near 0."""
+    c = np.asarray(cos, dtype=float)
+    if len(c) < 3:
+        return f"{len(c)} measurements, too few (lower --align_interval)"
+    changes = int(((c[1:] > 0) != (c[:-1] > 0)).sum())
+    lag1 = np.corrcoef(c[:-1], c[1:])[0, 1]
+    return (f"cos > 0 in {(c > 0).mean():.0%} of {len(c)} measurements, {changes} sign changes, "
+            f"lag-1 autocorrelation {lag1:.2f}")
+
+
+def plot_cycle(dirs, path):
+    """The paper's cycle observation: cos(grad CE, grad M) against step, per seed, per arm."""
+    plt = gapt.pyplot()
+    fig, axes = plt.subplots(1, len(dirs), figsize=(5 * len(dirs), 3.6), squeeze=False, sharey=True)
+    for ax, (arm, outs) in zip(axes[0], dirs.items()):
+        for s, out in enumerate(outs):
+            recs = read_log(out, "align", "cos")
+            ax.plot([r["step"] for r in recs], [r["cos"] for r in recs], lw=0.9, label=f"seed {s}")
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_title(f"{arm}")
+        ax.set_xlabel("optimizer step")
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("cos(grad CE, grad MBE)")
+    fig.suptitle("Alignment of the CE and MBE gradients: "
+                 "above 0 memorising also compresses, below 0 they conflict")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_compare(dirs, cfg, path):
+    """One panel per metric of the task (PANELS): curves over steps with their std band, the final
+    per-layer values as bars, or, where each run has a single eval (the toy), a bar per arm."""
+    plt, panels = gapt.pyplot(), PANELS[cfg["task"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    curves = False
+    for ax, (key, label) in zip(axes[0], panels):
+        for i, (arm, outs) in enumerate(dirs.items()):
+            evals = [read_log(o, "eval") for o in outs]
+            if key.endswith("_layers"):            # bars: one group of layers per arm
+                v = np.array([e[-1][key] for e in evals])
+                x = np.arange(v.shape[1]) + (i - (len(dirs) - 1) / 2) * 0.8 / len(dirs)
+                ax.bar(x, v.mean(0), 0.8 / len(dirs), yerr=sd(v), label=arm)
+                ax.set_xlabel("layer")
+            elif len(evals[0]) == 1:               # one value per run: a bar per arm
+                v = [e[-1][key] for e in evals]
+                ax.bar(i, np.mean(v), yerr=sd(v))
+                ax.set_xticks(range(len(dirs)), list(dirs))
+            else:                                  # curves: mean and std over seeds
+                recs = [[r for r in e if key in r] for e in evals]
+                n = min(map(len, recs))
+                v = np.array([[r[key] for r in rs[:n]] for rs in recs])
+                steps, m, s = [r["step"] for r in recs[0][:n]], v.mean(0), sd(v)
+                ax.plot(steps, m, label=arm)
+                ax.fill_between(steps, m - s, m + s, alpha=0.2)
+                ax.set_xlabel("optimizer step")
+                curves = True
+        if curves and "gapt" in dirs and not key.endswith("_layers"):
+            recs = read_log(dirs["gapt"][0], "train", "phase")
+            for a, b in gapt.phase_spans([r["step"] for r in recs], [r["phase"] for r in recs]):
+                ax.axvspan(a, b, color="grey", alpha=0.15, lw=0)
+        ax.set_ylabel(label)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    n = len(next(iter(dirs.values())))
+    shaded = " (grey: GAPT seed-0 compression)" if curves and "gapt" in dirs else ""
+    fig.suptitle(f"{cfg['task']}: {' vs '.join(dirs)}, mean ± std over {n} seeds{shaded}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+# -----------------------------------------------------------------------------
+# Benchmark (--bench): what compression costs on top of language modelling. The modes take
+# turns on one model and one batch of random tokens of the task's vocabulary and context (no
+# data loading, one micro-batch a step), so machine noise hits them alike; ratios are medians
+# of the ratios within each turn.
+
+# peak dense bf16 tensor FLOP/s (datasheets, no sparsity) by a substring of the GPU's name; first
+# match wins
+PEAK_FLOPS = (("GB200", 2500e12), ("B200", 2250e12), ("H200 NVL", 836e12), ("H200", 989e12),
+              ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12),
+              ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("RTX 4090", 165e12),
+              ("RTX 3090", 71e12))
+
+
+def renyi_entropy(Z, alpha):
+    """The MBE's definition for any order alpha > 0, from the eigenvalues of G / tr G, G = Z Z^T of
+    windows Z (..., N, D) -> (...,) nats. --bench times the closed form against it; for analysis."""
+    G = Z.float() @ Z.float().transpose(-1, -2)
+    tr, N = G.diagonal(dim1=-2, dim2=-1).sum(-1), G.shape[-1]
+    ok = G.square().sum((-2, -1)) != 0                 # Z = 0 (or underflow): 0; NaN stays NaN
+    eye = torch.eye(N, dtype=G.dtype, device=G.device) # Z = 0 is swapped for I: no NaN gradients
+    A = torch.where(ok[..., None, None], G, eye) / torch.where(ok, tr, N)[..., None, None]
+    lam = torch.linalg.eigvalsh(A).clamp(min=0)        # (..., N): a probability distribution
+    if alpha == 1:
+        S = -(lam * torch.log(torch.where(lam > 0, lam, 1.0))).sum(-1)   # 0 log 0 = 0
+    else:
+        S = torch.log(lam.pow(alpha).sum(-1)) / (1 - alpha)
+    return torch.where(ok, S, 0.0).clamp(0.0, math.log(N))
+
+
+def bench(cfg):
+    """Median step times of a plain loop and of GAPT's phases, the MBE's share, the closed form."""
+    if "RANK" in os.environ or cfg["task"] == "forgetting" or cfg["compare"] or \
+            cfg["init_from"] != "scratch":
+        raise ConfigError("--bench times a fresh GPT in one process, no --init_from or --compare: "
+                          "python experiments.py --bench [--task=text --model=...]")
+    device, ctx, scaler, _ = gapt.setup_device(cfg)
+    cfg = gapt.resolve(cfg)
+    B, T, P, D = cfg["batch_size"], cfg["block_size"], cfg["patch_size"], cfg["n_embd"]
+    raw, optimizers = gapt.build(cfg, device)
+    model, gpt = gapt.IBLM(raw, cfg["layers"], P), raw    # the GAPT steps' model, the plain step's
+    compiled = cfg["compile"] == "on"
+    if compiled:
+        model, gpt = torch.compile(model), torch.compile(gpt)
+    x, y = (torch.randint(cfg["vocab_size"], (B, T), device=device) for _ in range(2))
+    lag, pending = int(cfg["read_lag"]), deque()
+
+    def train_step(phase):   # train()'s step, one micro-batch; phase 0: a plain loop, CE only
+        zero = torch.zeros((), device=device)
+        with ctx:
+            ce, M = model(x, y, phase == COMPRESS) if phase else (gpt(x, y)[1], zero)
+        scaler.scale(gapt.iblm_loss(ce, M, phase, cfg["mbe_weight"])).backward()
+        stats = torch.stack([ce.detach().float(), M.detach(), zero + phase])
+        stats = gapt.update(raw, optimizers, scaler, cfg, stats)
+        if phase:                                   # the host reads CE and M lag steps later
+            pending.append(gapt.host_copy(stats))
+            while len(pending) > lag:
+                gapt.host_values(pending.popleft())
+
+    syncs = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}
+    sync = syncs.get(device.type, lambda: None)
+
+    def clock(fn, reps=1):   # seconds per call; a GPU's queue is drained at both ends only
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) / reps
+
+    median = lambda fn, n=20: float(np.median([clock(fn) for _ in range(n)]))   # noqa: E731
+    modes = {"plain PyTorch": 0, "gapt memorise": MEMORIZE, "gapt compress": COMPRESS}
+    names, k = list(modes), 1 if device.type == "cpu" else 5   # k steps a reading: drains are rare
+    for phase in modes.values():
+        clock(lambda: train_step(phase), 3)                  # warm-up (and compilation)
+    ts = {m: [] for m in modes}
+    for i in range(-(-cfg["bench_steps"] // k)):       # the modes take turns, in rotating order
+        for m in names[i % 3:] + names[:i % 3]:
+            ts[m].append(clock(lambda: train_step(modes[m]), k))
+    step = {m: float(np.median(t)) for m, t in ts.items()}
+    ratio = lambda a, b: float(np.median(np.divide(ts[a], ts[b])))   # noqa: E731
+    with torch.no_grad(), ctx:                         # the MBE alone, on this model's outputs
+        hs = [h.detach().requires_grad_() for h in raw(x)[2]]
+    with torch.no_grad():
+        watch = median(lambda: gapt.layer_mbe(hs, cfg["layers"], P))
+    learn = median(lambda: gapt.layer_mbe(hs, cfg["layers"], P).mean().backward())
+    Z = torch.stack([hs[i].detach().reshape(-1, P, D) for i in cfg["layers"]])   # (L, B*T/P, P, D)
+    with torch.no_grad():
+        closed, eig = median(lambda: gapt.matrix_entropy(Z)), median(lambda: renyi_entropy(Z, 1.0))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    peak = next((f for s, f in PEAK_FLOPS if s in name), None) if name else None
+    n = raw.num_params() - raw.transformer.wpe.weight.numel()
+    flops = 6 * n + 12 * cfg["n_layer"] * D * T         # per token, as nanoGPT's MFU counts them
+    print(f"bench: GPT {cfg['n_layer']} layers x {D}, {raw.num_params():,} parameters, MBE on "
+          f"layers {cfg['layers']} | {B} x {T} random tokens a step | {device} {cfg['dtype']} | "
+          f"compile {'on' if compiled else 'off'} | torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads | median of {len(ts['plain PyTorch']) * k} steps")
+    print(f"{'mode':<16}{'ms/step':>10}{'tok/s':>12}{'vs plain':>10}{'MFU':>8}")
+    for m in modes:
+        mfu = f"{flops * B * T / step[m] / peak:.1%}" if peak else "-"
+        print(f"{m:<16}{1000 * step[m]:>10.2f}{B * T / step[m]:>12,.0f}"
+              f"{ratio(m, 'plain PyTorch'):>9.3f}x{mfu:>8}")
+    print(f"compress / memorise {ratio('gapt compress', 'gapt memorise'):.3f}x | "
+          f"host read lag {lag} step(s)")
+    print(f"MBE share of a step: memorise {watch / step['gapt memorise']:.2%} (no grad) | "
+          f"compress {learn / step['gapt compress']:.2%} (forward and backward)")
+    print(f"alpha=2 closed form vs eigenvalue path (alpha=1) on {tuple(Z.shape)} windows: "
+          f"{1e3 * closed:.3f} vs {1e3 * eig:.3f} ms, {eig / closed:.1f}x")
+    print(f"GPU: {name}, MFU vs {peak / 1e12:.0f} TFLOP/s dense bf16" if peak else
+          f"GPU: {name}, peak FLOP/s unknown, no MFU" if name else
+          "GPU: none (MFU needs a CUDA device)")
+
+# -----------------------------------------------------------------------------
+
+
+def run(cfg):
+    if not (cfg["bench"] or cfg["compare"] or cfg["task"] == "forgetting"):
+        raise ConfigError("experiments.py runs --compare, --bench or --task=forgetting; "
+                          "one run is python gapt.py")
+    return bench(cfg) if cfg["bench"] else compare(cfg) if cfg["compare"] else one_run(cfg)
+
+
+def parse_args(argv):
+    return gapt.parse_args(argv, FLAGS + gapt.CONFIG, CHOICES, __doc__)
+
+
+def main(argv=None):   # gapt.py's: the same one-line errors, exit codes and resume line
+    return gapt.main(argv, parse_args, run, __file__)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
