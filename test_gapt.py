@@ -2022,3 +2022,175 @@ def test_padded_arithmetic_trains_on_every_token_with_loss_all_but_tests_answers
     assert torch.equal((y >= 0).sum(1), (x != data.PAD).sum(1) - 1)   # every token after <bos>
     xe, ye = A.eval_sets()["id"]
     assert ((ye >= 0).sum(1) < (xe != data.PAD).sum(1) - 3).all()     # the answer only
+
+# -----------------------------------------------------------------------------
+# issue 22: the last fault cases, each one line, by handlers that cover a class of failure
+
+
+def test_log_records_with_wrong_fields_are_skipped_as_damaged_lines(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert small_run(out)[0] == 0
+    lines = (out / "log.jsonl").read_text().splitlines(True)
+    assert [json.loads(lines[i])["step"] for i in (2, 4, 5)] == [2, 3, 4]   # train records
+    lines[2] = lines[2].replace('"ce":', '"cf":')                     # a key renamed
+    lines[4] = lines[4].replace('"step": 3', '"step": "x"')           # a step that is not one
+    lines[5] = lines[5].replace('"phase": 1, ', '')                   # a field gone
+    (out / "log.jsonl").write_text("".join(lines))
+    (out / "curves.png").unlink()
+    capsys.readouterr()
+    assert small_run(out, "--max_iters=6", "--init_from=resume")[0] == 0   # was a traceback, every time
+    said = capsys.readouterr().out
+    assert "skipped 1 damaged line(s): 5" in said                     # the resume drops the step "x"
+    assert "skipped 2 damaged line(s): 3, 5" in said and "done: 2 steps" in said   # the summary the others
+    assert (out / "curves.png").exists() and [r["step"] for r in read_log(out, "train", "ce", "phase")] == [1, 5, 6]
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "gapt.py"), *FAST, "--max_iters=999",
+                          f"--out_dir={out}"], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if line.startswith("step     3"):                               # after the step-2 checkpoint
+            break
+    p.terminate()
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143 and err.count("\n") == 1 and err.startswith("stopped (SIGTERM)"), err
+    assert err.strip().endswith(f"--out_dir={out} --init_from=resume")   # was silent
+
+
+def test_under_torchrun_sigterm_to_rank_0_is_its_one_line(tmp_path):
+    # torchrun sends SIGTERM to the workers left when one dies: rank 0 must still say what was saved
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    cmd = [sys.executable, os.path.join(HERE, "gapt.py"), "--device=cpu", "--n_layer=1", "--n_head=2",
+           "--n_embd=16", "--batch_size=4", "--log_interval=1", "--eval_interval=2", "--n_eval=16",
+           "--max_iters=100000", "--dist_timeout=20", f"--out_dir={tmp_path / 'run'}"]
+    env = dict(os.environ, WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    procs = [subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in (0, 1)]
+    try:
+        for line in procs[0].stdout:
+            if line.startswith("step     3"):
+                break
+        procs[0].terminate()
+        _, err = procs[0].communicate(timeout=60)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[0].returncode == 143 and err.count("\n") == 1 and err.startswith("stopped (SIGTERM)"), err
+    assert "resume: torchrun --standalone --nproc_per_node=2" in err
+
+
+def test_a_diverging_forgetting_toy_stops_and_results_json_is_strict(tmp_path, capsys, monkeypatch):
+    code = experiments.main(["--task=forgetting", "--learning_rate=1e30", "--max_iters=50",
+                             f"--out_dir={tmp_path / 'toy'}"])
+    one_line_error(code, capsys.readouterr().err, 1, "non-finite")      # was exit 0 with nan metrics
+    assert len(read_log(tmp_path / "toy", "skip")) == 3
+    real = experiments.forgetting_eval
+
+    def nan_separation(*a):
+        return dict(real(*a), separation=float("nan"))
+    monkeypatch.setattr(experiments, "forgetting_eval", nan_separation)
+    out = tmp_path / "cmp"
+    assert experiments.main(["--task=forgetting", "--compare=memorize,gapt", "--seeds=2", "--max_iters=5",
+                             f"--out_dir={out}"]) == 0
+    text = (out / "results.json").read_text()
+    table = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
+    assert table["gapt"]["separation"] == [None, None] and table["gapt"]["vs_memorize"]["separation"]["diff"] is None
+    assert isinstance(table["gapt"]["loss_B"][0], float)
+
+
+def test_data_py_on_a_full_disk_is_one_line_and_keeps_the_earlier_corpus(tmp_path, capsys, monkeypatch):
+    docs = tmp_path / "d.txt"
+    docs.write_text("\n\n".join(corpus(40)) + "\n")
+    args = ["text", str(docs), "--out", str(tmp_path / "s"), "--shard_size", "200", "--tokenizer_file",
+            tokenizer_file()]
+    assert data.main(args) == 0
+    before = {p: Path(p).read_bytes() for p in data.find_shards(tmp_path / "s", "train")}
+    real = data.write_shard
+
+    def full(path, tokens):
+        real(path, tokens[:1])                                       # a shard, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(data, "write_shard", full)
+    capsys.readouterr()
+    one_line_error(data.main(args), capsys.readouterr().err, 1, "No space left", str(tmp_path / "s"))
+    assert {p: Path(p).read_bytes() for p in data.find_shards(tmp_path / "s", "train")} == before
+    assert not (tmp_path / "s" / ".partial").exists()
+
+
+def test_resume_on_a_full_disk_names_the_log_and_leaves_no_tmp(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert small_run(out)[0] == 0
+    real_open = open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *e):
+            self.f.close()
+
+        def write(self, b):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(gapt, "open", lambda p, m="r", *a, **k: Full(real_open(p, m)) if str(p).endswith("log.jsonl.tmp")
+                        else real_open(p, m, *a, **k), raising=False)
+    code, err = small_run(out, "--init_from=resume", "--max_iters=6", capsys=capsys)
+    one_line_error(code, err, 2, "log.jsonl", "No space left")       # was "cannot write None"
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+
+
+def test_a_shard_changed_under_a_text_run_is_one_line(text_dir, tmp_path, capsys, monkeypatch):
+    shards, _ = text_dir
+    mine = tmp_path / "shards"
+    shutil.copytree(shards, mine)
+    train = data.find_shards(mine, "train")
+    real, calls = data.TokenShards.batch, [0]
+
+    def changing(self, n):
+        calls[0] += 1
+        if calls[0] == 3:
+            for p in train:                                          # rewritten shorter, or cut
+                data.write_shard(p, data.read_shard(p)[:50]) if p == train[0] else os.truncate(p, 1024 + 100)
+        return real(self, n)
+    monkeypatch.setattr(data.TokenShards, "batch", changing)
+    for p in train:
+        assert len(data.read_shard(p)) > 51
+    code = gapt.main(["--device=cpu", "--task=text", f"--data_dir={mine}", "--n_layer=1", "--n_head=2",
+                      "--n_embd=16", "--block_size=16", "--batch_size=64", "--val_tokens=64", "--max_iters=5",
+                      "--eval_interval=0", f"--out_dir={tmp_path / 'run'}"])
+    one_line_error(code, capsys.readouterr().err, 1, "_train_")       # was a ValueError/IndexError traceback
+
+
+def test_a_garbage_weights_pickle_is_our_line_only(tmp_path):
+    (tmp_path / "w.bin").write_bytes(b"\x80\x04garbage")
+    r = run_gapt("--task=text", "--init_from=gpt2", f"--weights={tmp_path / 'w.bin'}", f"--out_dir={tmp_path / 'o'}",
+                 env=dict(os.environ))
+    one_line_error(r.returncode, r.stderr, 2, "not a GPT-2 checkpoint")   # torch's UserWarning came first
+
+
+def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "gapt.py"), f"--out_dir={tmp_path}"], cwd=HERE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    maps = Path(f"/proc/{p.pid}/maps")
+    while p.poll() is None and "numpy" not in maps.read_text():   # in the guarded imports, before torch
+        pass
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.count("\n") == 1 and err.startswith("stopped (Ctrl-C)"), err
+
+
+def test_a_checkpoint_whose_config_is_not_a_dict_is_damaged(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert small_run(out)[0] == 0
+    ck = gapt.read_checkpoint(out / "ckpt.pt")
+    for bad in ("not a dict", [1, 2]):                                # a valid checksum all the same
+        gapt.save_checkpoint(str(out / "ckpt.pt"), dict(ck, config=bad))
+        one_line_error(*small_run(out, "--init_from=resume", capsys=capsys), 2, "damaged")
