@@ -128,8 +128,6 @@ CHOICES = {"task": ("arithmetic", "text"), "phase_mode": ("gapt", "memorize", "c
 PRESETS = {"tiny": (4, 4, 128), "small": (6, 6, 384), "gpt2": (12, 12, 768)}
 # flags of experiments.py, which runs many of these runs: gapt.py names the command to use instead
 EXPERIMENTS = ("--compare", "--seeds", "--fig", "--bench", "--task=forgetting", "--forget_m")
-BOOLS = {**dict.fromkeys(("1", "true", "yes", "on"), True),
-         **dict.fromkeys(("0", "false", "no", "off"), False)}
 
 
 class ConfigError(ValueError):
@@ -142,20 +140,13 @@ class TrainingError(RuntimeError):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):   # one line, not argparse's usage block
-        raise ConfigError(re.sub(r"^argument (--\w+): (?=\1=)|^argument ", "", message))
+        raise ConfigError(message.removeprefix("argument "))
 
 
-def as_type(key, default, choices):
-    """Text -> the default's type; an int is accepted for a float, yes/no or on/off for a bool."""
-    def convert(text):
-        if choices and text not in choices:
-            raise argparse.ArgumentTypeError(f"--{key}={text}: choose one of {' | '.join(choices)}")
-        try:
-            return BOOLS[text.lower()] if type(default) is bool else type(default)(text)
-        except (KeyError, ValueError):
-            raise argparse.ArgumentTypeError(f"--{key}={text}: expected {type(default).__name__} "
-                                             f"(default {default!r})") from None
-    return convert
+def boolean(text):   # --flag=yes|no, true|false, on|off, 1|0
+    if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise ValueError(text)
+    return text.lower() in ("1", "true", "yes", "on")
 
 
 def parse_args(argv, table=CONFIG, choices=CHOICES, doc=__doc__):
@@ -172,8 +163,8 @@ def parse_args(argv, table=CONFIG, choices=CHOICES, doc=__doc__):
             continue
         key, default, text = c
         bare = dict(nargs="?", const=True) if type(default) is bool else {}   # --flag sets it
-        group.add_argument(f"--{key}", type=as_type(key, default, choices.get(key)),
-                           default=default, choices=choices.get(key), **bare,
+        kind = boolean if type(default) is bool else type(default)   # an int is a float too
+        group.add_argument(f"--{key}", type=kind, default=default, choices=choices.get(key), **bare,
                            metavar=None if key in choices else type(default).__name__.upper(),
                            help=f"{text} (default: {default})".replace("%", "%%"))
     args, rest = p.parse_known_args(argv)
@@ -438,6 +429,7 @@ class GAPT:
         self.p_m, self.p_c = p_m, p_c
         self.phase, self.s_m, self.s_c = MEMORIZE, 0, 0
         self.E_min, self.M_min = math.inf, math.inf   # best CE and MBE seen (reset to compress)
+        self.why = None                                # what ended the last phase, and the numbers
 
     def step(self, ce, mbe):
         """Feed one optimizer step's training CE and compression target M;
@@ -448,13 +440,16 @@ class GAPT:
         if self.phase == MEMORIZE:
             self.s_m = 0 if improved_ce else self.s_m + 1
             if self.s_m >= self.p_m:                       # CE has plateaued: compress
+                self.why = {"reason": "CE plateau", "ce": ce, "best_ce": self.E_min}
                 self.phase, self.s_c, self.E_min, self.M_min = COMPRESS, 0, math.inf, math.inf
         elif spike:                                        # compression hurts prediction
+            self.why = {"reason": "CE spike", "ce": ce, "best_ce": self.E_min}
             self.phase, self.s_m = MEMORIZE, 0
         else:
             self.s_c = 0 if self.M_min - mbe > self.delta_mbe else self.s_c + 1
             self.M_min = min(self.M_min, mbe)
             if self.s_c >= self.p_c:                       # compression has plateaued
+                self.why = {"reason": "MBE plateau", "mbe": mbe, "best_mbe": self.M_min}
                 self.phase, self.s_m = MEMORIZE, 0
         return self.phase
 
@@ -769,7 +764,7 @@ def train(cfg):
     # comes from step t's, as in Algorithm 1. The controller sees only steps run in its own
     # phase: at lag 1, the step in flight at a switch is left out.
     lag, pending = int(cfg["read_lag"]), deque()   # pending: steps launched, not yet read
-    bad, t_start, start, switches = 0, time.time(), step, 0
+    bad, t_start, start = 0, time.time(), step
     while step < cfg["max_iters"]:
         t0, lr = time.time(), get_lr(step, cfg)
         for o in optimizers:
@@ -805,8 +800,11 @@ def train(cfg):
                                     f"lower --learning_rate); the last good checkpoint, if any, "
                                     f"is {os.path.join(cfg['out_dir'], 'ckpt.pt')}")
             if ok and cfg["phase_mode"] == "gapt" and used == ctrl.phase:   # skips: never seen
-                new = ctrl.step(ce, mbe)         # Algorithm 1: the phase of the next step
-                switches, phase = switches + (new != phase), new
+                phase = ctrl.step(ce, mbe)       # Algorithm 1: the phase of the next step
+                if phase != used:                # a switch: what ended the phase, and why
+                    log.record(kind="switch", step=s, phase=phase, **ctrl.why)
+                    log.print(f"step {s:>5} | {PHASES[used]} -> {PHASES[phase]} | " + " | ".join(
+                        v if k == "reason" else f"{k} {v:.4f}" for k, v in ctrl.why.items()))
         if master and cfg["align_interval"] and step % cfg["align_interval"] == 0:
             x, y = (t.to(device) for t in next(iter(evals.values()))[0])
             cos, per_layer = grad_alignment(raw, x, y, cfg)
@@ -825,7 +823,7 @@ def train(cfg):
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     if master:
-        summary(cfg, time.time() - t_start, start, switches)
+        summary(cfg, time.time() - t_start, start)
         if cfg["task"] == "text":
             print_samples(raw, evals["val"][0][0], cfg, device)
 
@@ -975,7 +973,10 @@ def fit_gpt2(model, sd):
 def save(cfg, loader, ddp, world, master, state):
     """Checkpoint state and every rank's data-generator and RNG states (gathered to rank 0):
     enough to continue as if never stopped. Never from non-finite weights."""
-    mine = {"data": loader.state_dict(), "rng": rng_state()}
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None   # this rank's GPU
+    mine = {"data": loader.state_dict(), "rng": {"python": random.getstate(), "cuda": cuda,
+                                                "numpy": np.random.get_state(),
+                                                "torch": torch.get_rng_state()}}
     ranks = [None] * world if ddp else [mine]
     if ddp:
         torch.distributed.all_gather_object(ranks, mine)
@@ -1067,12 +1068,6 @@ def load_checkpoint(cfg, master):
     if cfg["max_iters"] == ck["step"] and master:
         print(f"resume: the checkpoint is at step {ck['step']} = --max_iters: nothing to train")
     return ck
-
-
-def rng_state():
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None   # this rank's GPU
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(), "cuda": cuda}
 
 
 def restore_rank(ck, loader, rank, world):
@@ -1212,17 +1207,19 @@ class Logger:
 # The end of a run: a summary, curves.png, and for text a few greedy samples.
 
 
-def summary(cfg, seconds, start, switches):
-    """This session's steps, time and phase switches; the whole run's compression share, final
-    eval and curves.png."""
+def summary(cfg, seconds, start):
+    """This session's steps and time; the whole run's phase switches by reason, compression
+    share, final eval and curves.png."""
     train_recs = read_log(cfg["out_dir"], "train", "phase", "ce", "mbe")
     eval_recs = read_log(cfg["out_dir"], "eval")
+    reasons = [r.get("reason") for r in read_log(cfg["out_dir"], "switch")]
     compress = sum(r["phase"] == COMPRESS for r in train_recs)
     print("-" * 72)
     since = f" from step {start}" if start else ""
+    why = ", ".join(f"{n} {reasons.count(n)}" for n in sorted(set(reasons), key=str))
     print(f"done: {max(0, cfg['max_iters'] - start)} steps{since} in {seconds:.0f} s | phase "
-          f"switches {switches} | compression {100 * compress / max(1, len(train_recs)):.0f}% "
-          f"of steps")
+          f"switches {len(reasons)}{f' ({why})' if why else ''} | compression "
+          f"{100 * compress / max(1, len(train_recs)):.0f}% of steps")
     if eval_recs:
         print("final eval: " + " | ".join(f"{k} {v:.4f}" for k, v in eval_recs[-1].items()
                                           if isinstance(v, float)))

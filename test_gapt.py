@@ -422,10 +422,11 @@ def test_experiments_alone_names_what_it_runs(capsys):
 
 @pytest.mark.parametrize("args,msg", [
     (["--nope=1"], "unknown flag --nope"),
-    (["--p_m=abc"], "expected int"),
-    (["--p_m=1.5"], "expected int"),
-    (["--task=poetry"], "choose one of"),
-    (["--phase_mode=sleep"], "choose one of"),
+    (["--p_m=abc"], "invalid int value"),
+    (["--p_m=1.5"], "invalid int value"),
+    (["--task=poetry"], "invalid choice"),
+    (["--bias=maybe"], "invalid boolean value"),
+    (["--phase_mode=sleep"], "invalid choice"),
     (["--p_m=0"], "must be positive"),
     (["--p_c=-1"], "must be positive"),
     (["--batch_size=0"], "must be positive"),
