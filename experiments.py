@@ -139,17 +139,23 @@ def forgetting(cfg):
               + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 # -----------------------------------------------------------------------------
-# Comparisons: one config run under several phase modes and seeds (identical data and steps
-# per seed across arms), a table of final metrics (mean +- std), each arm's paired difference
-# from the first with a t interval, and figures.
+# Comparisons: one config run as several arms and seeds, a table of final metrics (mean +- std),
+# each arm's difference from the first with a 95% t interval, and figures. An arm is a phase
+# mode and, after colons, gapt.py flags of its own: --compare=memorize,gapt:tau=1. Arms whose
+# flags leave the data alone see the same data and initial weights per seed, so their
+# differences are paired by seed; arms that change the data (DATA) get Welch's interval.
 
 PANELS = {   # (logged metric, axis label): the panels of --compare's figure, per task
-    "arithmetic": (("ood_ce", "OOD answer CE (nats)"), ("ood_conf", "OOD confidence (top p)"),
-                   ("id_acc", "ID exact match"), ("ood_acc", "OOD exact match")),
-    "text": (("val_ce", "val CE (nats/token)"), ("val_mbe_layers", "val MBE per layer")),
+    "arithmetic": (("id_acc", "ID exact match"), ("id_mbe", "ID MBE, regularised layers (nats)"),
+                   ("ood_ce", "OOD answer CE (nats)"), ("ood_conf", "OOD confidence (top p)")),
+    "text": (("val_ce", "val CE (nats/token)"), ("-val_ce", "val CE minus the first arm's"),
+             ("val_mbe_layers", "val MBE per layer (nats)")),
     "forgetting": (("separation", "separation of A and B (held out)"),
                    ("loss_A_after_B", "L1 loss on A after B (interference)"),
-                   ("loss_B", "L1 loss on B"))}
+                   ("mbe_A", "hidden MBE on A (nats)"))}
+DATA = ("batch_size", "total_batch_size", "block_size", "digits_min", "digits_max", "n_eval",
+        "ood_digits_min", "ood_digits_max", "reverse_answer", "arith_layout", "arith_loss",
+        "data_dir", "val_tokens", "seed")   # flags that change what data a seed draws
 COMPARE_FILES = r"results\.json|config\.json|(arithmetic|text|forgetting|cycle)\.png|.*_seed\d+"
 
 
@@ -157,15 +163,27 @@ def one_run(cfg):
     return forgetting(cfg) if cfg["task"] == "forgetting" else gapt.train(cfg)
 
 
+def parse_arms(spec):
+    """"memorize,gapt:tau=1" -> {"memorize": {"phase_mode": "memorize"}, "gapt:tau=1": {...}}:
+    each arm's phase mode and flags, checked and typed as on gapt.py's command line."""
+    arms, modes = {}, gapt.CHOICES["phase_mode"]
+    for name in spec.split(","):
+        mode, *flags = name.split(":")
+        if mode not in modes or name in arms:
+            raise ConfigError(f"--compare={spec}: arms are phase modes ({', '.join(modes)}), each "
+                              f"once, with flags after colons: gapt:tau=1")
+        given = gapt.parse_args([f"--{f}" for f in flags])
+        arms[name] = {**{k: given[k] for k in (f.partition("=")[0] for f in flags)},
+                      "phase_mode": mode}
+    return arms
+
+
 def compare(cfg):
-    """Every arm (a phase mode) x --seeds runs into out_dir/<arm>_seed<s>, then the table, the
-    paired differences and the figures. Seeds outer: a stopped comparison has every arm for the
-    seeds done, and --init_from=resume continues it: arms not started yet start as the others did,
-    from the comparison's config.json."""
-    arms, modes = cfg["compare"].split(","), gapt.CHOICES["phase_mode"]
-    if any(a not in modes for a in arms) or len(set(arms)) < len(arms):
-        raise ConfigError(f"--compare={cfg['compare']}: a comma list of {' | '.join(modes)}, "
-                          f"each once")
+    """Every arm x --seeds runs into out_dir/<arm>_seed<s>, then the table, the differences and
+    the figures. Seeds outer: a stopped comparison has every arm for the seeds done, and
+    --init_from=resume continues it: arms not started yet start as the others did, from the
+    comparison's config.json."""
+    arms = parse_arms(cfg["compare"])
     if "RANK" in os.environ:
         raise ConfigError("--compare runs its arms one after another: launch it with python")
     saved, fresh = os.path.join(cfg["out_dir"], "config.json"), cfg["init_from"]
@@ -183,7 +201,8 @@ def compare(cfg):
     elif fresh == "resume":                           # a comparison from before config.json
         fresh = "scratch"
     elif cfg["task"] != "forgetting":                 # bad data input: one line, nothing moved
-        gapt.make_data(gapt.resolve(cfg), 0, 1)
+        for flags in arms.values():
+            gapt.make_data(gapt.resolve({**cfg, **flags}), 0, 1)
     path = cfg["fig"] or os.path.join(cfg["out_dir"], cfg["task"] + ".png")
     from matplotlib.backend_bases import FigureCanvasBase   # the formats savefig writes
     if os.path.splitext(path)[1][1:].lower() not in FigureCanvasBase.get_supported_filetypes():
@@ -200,13 +219,13 @@ def compare(cfg):
         raise ConfigError(f"--{flag}: cannot write {e.filename} ({e.strerror or e})") from None
     dirs = {arm: [] for arm in arms}
     for s in range(cfg["seeds"]):
-        for arm in arms:
+        for arm, flags in arms.items():
             out = os.path.join(cfg["out_dir"], f"{arm}_seed{s}")
             print(f"=== {arm}, seed {cfg['seed'] + s} -> {out}", flush=True)
             resume = cfg["init_from"] == "resume" and os.path.exists(os.path.join(out, "ckpt.pt"))
             try:
-                one_run(dict(cfg, phase_mode=arm, seed=cfg["seed"] + s, out_dir=out, compare="",
-                             init_from="resume" if resume else fresh))
+                one_run({**cfg, **flags, "seed": cfg["seed"] + s, "out_dir": out, "compare": "",
+                         "init_from": "resume" if resume else fresh})
             except ConfigError:   # bad input found by the first run: no out_dir made for nothing
                 if made and sorted(os.listdir(cfg["out_dir"])) == [".lock", "config.json"]:
                     for name in (saved, lock.name):
@@ -214,15 +233,19 @@ def compare(cfg):
                     os.rmdir(cfg["out_dir"])
                 raise
             dirs[arm].append(out)
-    table = compare_table(dirs)   # JSON has no NaN or Infinity: null where a value is not finite
+    base = next(iter(arms))
+    unpaired = {a for a, f in arms.items() if any(f.get(k) != arms[base].get(k) for k in DATA)}
+    table = compare_table(dirs, unpaired)
+    for arm, flags in arms.items():
+        table[arm]["flags"] = flags
     gapt.write_atomic(os.path.join(cfg["out_dir"], "results.json"), json.dumps(json.loads(
-        json.dumps(table), parse_constant=lambda c: None), indent=1).encode())
+        json.dumps(table), parse_constant=lambda c: None), indent=1).encode())   # null, not NaN
     plot_compare(dirs, cfg, path)
     print(f"figure: {path}\nresults: {os.path.join(cfg['out_dir'], 'results.json')}")
     aligns = {(arm, s): [r["cos"] for r in read_log(out, "align", "cos")]
               for arm, outs in dirs.items() for s, out in enumerate(outs)}
     if any(aligns.values()):
-        plot_cycle(dirs, os.path.join(os.path.dirname(path), "cycle.png"))
+        plot_cycle(dirs, os.path.join(os.path.dirname(path), "cycle.png"), cfg["seed"])
         print(f"figure: {os.path.join(os.path.dirname(path), 'cycle.png')}")
         for (arm, s), cos in aligns.items():
             print(f"cycle, {arm} seed {cfg['seed'] + s}: {cycle_stats(cos)}")
@@ -265,31 +288,73 @@ def paired_diff(base, other, level=0.95):
     return {"diff": float(d.mean()), "ci95": [float(d.mean() - half), float(d.mean() + half)]}
 
 
-def compare_table(dirs):
-    """Final eval metrics per arm: mean and std over seeds, and each later arm's paired difference
-    from the first (the baseline) with its 95% t interval, under "vs_<baseline>"; as markdown."""
-    finals = {a: [(read_log(o, "eval") or [None])[-1] for o in outs] for a, outs in dirs.items()}
-    empty = [o for arm, outs in dirs.items() for o, f in zip(outs, finals[arm]) if f is None]
+def welch_diff(base, other, level=0.95):
+    """mean(other) - mean(base) for runs that share no data, and Welch's t interval: half-width
+    t * sqrt(va/na + vb/nb), with the Welch-Satterthwaite df rounded down (a little wider)."""
+    a, b = np.asarray(base, dtype=float), np.asarray(other, dtype=float)
+    if min(len(a), len(b)) < 2:
+        return {"diff": float(b.mean() - a.mean()), "ci95": None}
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if va + vb else 1
+    half = t_quantile((1 + level) / 2, max(1, int(df))) * math.sqrt(va + vb)
+    d = float(b.mean() - a.mean())
+    return {"diff": d, "ci95": [d - half, d + half]}
+
+
+def compare_table(dirs, unpaired=()):
+    """Each arm's final evals: mean and std over seeds, its share of steps compressing, and each
+    later arm's difference from the first (the baseline) under "vs_<baseline>", paired by seed
+    or, for the arms in unpaired, Welch's. Where the runs have an OOD test set, the same again at
+    each run's eval of lowest OOD answer CE, as early stopping on the test set would report:
+    optimistic by construction, beside the final step's and against the baseline's final."""
+    evals = {a: [read_log(o, "eval") for o in outs] for a, outs in dirs.items()}
+    empty = [o for a, outs in dirs.items() for o, e in zip(outs, evals[a]) if not e]
     if empty:   # its log.jsonl was deleted, say
         raise TrainingError(f"{empty[0]}/log.jsonl holds no eval: delete that folder and resume")
-    base, n = next(iter(dirs)), len(dirs[next(iter(dirs))])
-    keys = [k for k, v in finals[base][0].items() if isinstance(v, float)
-            and all(isinstance(f.get(k), (int, float)) for fs in finals.values() for f in fs)]
-    vals = {arm: {k: [f[k] for f in fs] for k in keys} for arm, fs in finals.items()}
+    final = {a: [dict(e[-1], compressing=np.mean([r["phase"] == COMPRESS for r in read_log(
+        o, "train", "phase")] or [0])) for o, e in zip(dirs[a], es)] for a, es in evals.items()}
+    table = summarize(final, final, unpaired, "final")   # compressing: a share of the steps
+    for arm in (a for a in dirs if a.startswith("gapt")):
+        if not any(f["compressing"] for f in final[arm]):
+            print(f"{arm} never compressed: its intervals compare the baseline with itself")
+    if all("ood_ce" in e for es in evals.values() for run in es for e in run):
+        best = {a: [min(run, key=lambda e: e["ood_ce"]) for run in es] for a, es in evals.items()}
+        at = sorted({e["step"] for runs in best.values() for e in runs})
+        print(f"\nSelected on the test set: each run at its eval of lowest OOD answer CE (steps "
+              f"{at[0]}-{at[-1]}), as early stopping on it reports; optimistic by construction")
+        picked = summarize(best, best, unpaired, "selected")
+        vs_final = summarize(best, final, unpaired, "selected", "the baseline's final", rows=False)
+        for arm in table:
+            table[arm]["test_selected"] = picked[arm]
+            table[arm]["test_selected_vs_final"] = vs_final[arm].get(f"vs_{next(iter(dirs))}")
+    return table
+
+
+def summarize(runs, base_runs, unpaired, what, against=None, rows=True):
+    """Print runs' metrics (mean +- std per arm) and each later arm's difference from the first
+    arm's base_runs (markdown); return them as {arm: {metric: (mean, std), "vs_<base>": ...}}."""
+    base = next(iter(runs))
+    n = len(runs[base])
+    keys = [k for k, v in runs[base][0].items() if isinstance(v, float) and all(
+        isinstance(f.get(k), (int, float)) for fs in (*runs.values(), base_runs[base]) for f in fs)]
+    vals = {arm: {k: [f[k] for f in fs] for k in keys} for arm, fs in runs.items()}
     table = {arm: {k: (float(np.mean(v)), float(sd(v))) for k, v in row.items()}
              for arm, row in vals.items()}
     head = " | ".join(keys) + " |\n" + "|---" * (len(keys) + 1) + "|"
-    print(f"\n| arm (n={n}) | {head}")
-    for arm, row in table.items():
-        print(f"| {arm} | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in row.values()) + " |")
-    if len(dirs) > 1:
-        print(f"\n| arm - {base}: mean [95% paired t interval] | {head}")
-    for arm in list(dirs)[1:]:
-        diffs = {k: paired_diff(vals[base][k], vals[arm][k]) for k in keys}
+    if rows:
+        print(f"\n| arm (n={n}), {what} | {head}")
+        for arm, row in table.items():
+            print(f"| {arm} | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in row.values()) + " |")
+    if len(runs) > 1:
+        print(f"\n| arm, {what} - {base}, {against or what}: mean [95% t interval] | {head}")
+    for arm in list(runs)[1:]:
+        diff = welch_diff if arm in unpaired else paired_diff
+        diffs = {k: diff([f[k] for f in base_runs[base]], vals[arm][k]) for k in keys}
         table[arm]["vs_" + base] = diffs
         lohi = [d["ci95"] or (math.nan, math.nan) for d in diffs.values()]   # nan: a single seed
-        print(f"| {arm} | " + " | ".join(f"{d['diff']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
-                                         for d, (lo, hi) in zip(diffs.values(), lohi)) + " |")
+        print(f"| {arm} ({'Welch' if arm in unpaired else 'paired'}) | " + " | ".join(
+            f"{d['diff']:+.4f} [{lo:+.4f}, {hi:+.4f}]" for d, (lo, hi) in zip(diffs.values(), lohi))
+            + " |")
     return table
 
 
@@ -305,18 +370,19 @@ def cycle_stats(cos):
             f"lag-1 autocorrelation {lag1:.2f}")
 
 
-def plot_cycle(dirs, path):
+def plot_cycle(dirs, path, seed):
     """The paper's cycle observation: cos(grad CE, grad M) against step, per seed, per arm."""
     plt = gapt.pyplot()
     fig, axes = plt.subplots(1, len(dirs), figsize=(5 * len(dirs), 3.6), squeeze=False, sharey=True)
     for ax, (arm, outs) in zip(axes[0], dirs.items()):
         for s, out in enumerate(outs):
             recs = read_log(out, "align", "cos")
-            ax.plot([r["step"] for r in recs], [r["cos"] for r in recs], lw=0.9, label=f"seed {s}")
+            ax.plot([r["step"] for r in recs], [r["cos"] for r in recs], lw=0.9,
+                    label=f"seed {seed + s}")
         ax.axhline(0, color="k", lw=0.6)
         ax.set_title(f"{arm}")
         ax.set_xlabel("optimizer step")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=2)
     axes[0][0].set_ylabel("cos(grad CE, grad MBE)")
     fig.suptitle("Alignment of the CE and MBE gradients: "
                  "above 0 memorising also compresses, below 0 they conflict")
@@ -326,43 +392,44 @@ def plot_cycle(dirs, path):
 
 
 def plot_compare(dirs, cfg, path):
-    """One panel per metric of the task (PANELS): curves over steps with their std band, the final
-    per-layer values as bars, or, where each run has a single eval (the toy), a bar per arm."""
+    """One panel per metric of the task (PANELS): curves over steps with their std band (a metric
+    written -key: its difference from the first arm, seed by seed), the final per-layer values as
+    bars, or, where each run has a single eval (the toy), a bar per arm. One legend below."""
     plt, panels = gapt.pyplot(), PANELS[cfg["task"]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    curves = False
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8), squeeze=False)
+    evals = {arm: [read_log(o, "eval") for o in outs] for arm, outs in dirs.items()}
+    shade = next((a for a in dirs if a.startswith("gapt")), None)   # its seed 0's compression
     for ax, (key, label) in zip(axes[0], panels):
-        for i, (arm, outs) in enumerate(dirs.items()):
-            evals = [read_log(o, "eval") for o in outs]
+        for i, (arm, runs) in enumerate(evals.items()):
             if key.endswith("_layers"):            # bars: one group of layers per arm
-                v = np.array([e[-1][key] for e in evals])
+                v = np.array([e[-1][key] for e in runs])
                 x = np.arange(v.shape[1]) + (i - (len(dirs) - 1) / 2) * 0.8 / len(dirs)
-                ax.bar(x, v.mean(0), 0.8 / len(dirs), yerr=sd(v), label=arm)
+                ax.bar(x, v.mean(0), 0.8 / len(dirs), yerr=sd(v), color=f"C{i}", label=arm)
                 ax.set_xlabel("layer")
-            elif len(evals[0]) == 1:               # one value per run: a bar per arm
-                v = [e[-1][key] for e in evals]
-                ax.bar(i, np.mean(v), yerr=sd(v))
-                ax.set_xticks(range(len(dirs)), list(dirs))
+                continue
+            k, n = key.lstrip("-"), min(len(r) for rs in evals.values() for r in rs)
+            v = np.array([[e[k] for e in r[-n:]] for r in runs])          # (seeds, evals)
+            if key.startswith("-"):
+                v = v - np.array([[e[k] for e in r[-n:]] for r in next(iter(evals.values()))])
+            if n == 1:                             # one value per run: a bar per arm
+                ax.bar(i, v.mean(), yerr=sd(v[:, 0]), color=f"C{i}", label=arm)
+                ax.set_xticks([])
             else:                                  # curves: mean and std over seeds
-                recs = [[r for r in e if key in r] for e in evals]
-                n = min(map(len, recs))
-                v = np.array([[r[key] for r in rs[:n]] for rs in recs])
-                steps, m, s = [r["step"] for r in recs[0][:n]], v.mean(0), sd(v)
-                ax.plot(steps, m, label=arm)
-                ax.fill_between(steps, m - s, m + s, alpha=0.2)
+                steps, m, s = [e["step"] for e in runs[0][-n:]], v.mean(0), sd(v)
+                ax.plot(steps, m, color=f"C{i}", label=arm)
+                ax.fill_between(steps, m - s, m + s, color=f"C{i}", alpha=0.2)
                 ax.set_xlabel("optimizer step")
-                curves = True
-        if curves and "gapt" in dirs and not key.endswith("_layers"):
-            recs = read_log(dirs["gapt"][0], "train", "phase")
+        if shade and ax.get_xlabel() == "optimizer step":
+            recs = read_log(dirs[shade][0], "train", "phase")
             for a, b in gapt.phase_spans([r["step"] for r in recs], [r["phase"] for r in recs]):
-                ax.axvspan(a, b, color="grey", alpha=0.15, lw=0)
+                ax.axvspan(a, max(b, a + len(recs) / 250), color="grey", alpha=0.25, lw=0)
         ax.set_ylabel(label)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
     n = len(next(iter(dirs.values())))
-    shaded = " (grey: GAPT seed-0 compression)" if curves and "gapt" in dirs else ""
-    fig.suptitle(f"{cfg['task']}: {' vs '.join(dirs)}, mean ± std over {n} seeds{shaded}")
-    fig.tight_layout()
+    what = f" (grey: {shade}, seed {cfg['seed']}, compressing)" if shade and any(
+        ax.get_xlabel() == "optimizer step" for ax in axes[0]) else ""
+    fig.suptitle(f"{cfg['task']}: mean ± std over {n} seeds{what}")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=len(dirs))
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -117,6 +117,10 @@ CONFIG = [
     ("log_interval", 50, "steps between printed lines (every step goes to log.jsonl)"),
     ("align_interval", 0, "every K steps log cos(grad CE, grad MBE) (0 = off)"),
     ("max_bad_steps", 3, "stop after this many steps in a row with a non-finite loss or gradient"),
+    "sampling from out_dir's checkpoint (python gapt.py --sample='7 x 8' or --sample='Once')",
+    ("sample", "", "a prompt to continue, then exit: text, or a problem like '7 x 8'"),
+    ("num_samples", 3, "--sample: how many continuations (with --temperature > 0)"),
+    ("temperature", 0.0, "--sample: 0 = greedy (the argmax), else softmax(logits / temperature)"),
 ]
 DEFAULTS = {c[0]: c[1] for c in CONFIG if isinstance(c, tuple)}   # a string heads a group of flags
 CHOICES = {"task": ("arithmetic", "text"), "phase_mode": ("gapt", "memorize", "compress"),
@@ -177,21 +181,17 @@ def parse_args(argv, table=CONFIG, choices=CHOICES, doc=__doc__):
 
 def validate(cfg):
     """Reject values that would fail later, or silently do the wrong thing."""
-    for key, v in cfg.items():
-        if isinstance(v, float) and not math.isfinite(v):
-            raise ConfigError(f"--{key}={v}: must be a finite number")
     positive = ("p_m", "p_c", "batch_size", "max_iters", "patch_size", "n_eval", "log_interval",
-                "max_bad_steps", "val_tokens", "dist_timeout", "seeds", "bench_steps")
-    not_negative = ("seed", "n_layer", "n_head", "n_embd", "block_size", "eval_interval",
-                    "align_interval", "total_batch_size", "warmup_iters", "tau", "delta_ce",
-                    "delta_mbe", "mbe_weight", "weight_decay", "muon_weight_decay", "grad_clip",
-                    "min_lr")
-    for keys, ok, what in ((positive, lambda v: v > 0, "positive"),
-                           (not_negative, lambda v: v >= 0, ">= 0"),
-                           (("beta1", "beta2", "dropout"), lambda v: 0 <= v < 1, "in [0, 1)")):
-        for key in (k for k in keys if k in cfg):   # seeds, bench_steps: experiments.py's
-            if not ok(cfg[key]):
-                raise ConfigError(f"--{key}={cfg[key]}: must be {what}")
+                "max_bad_steps", "val_tokens", "dist_timeout", "num_samples", "seeds",
+                "bench_steps")
+    for key, v in cfg.items():   # every number is finite and >= 0, these > 0
+        number = type(v) in (int, float)
+        if number and not (math.isfinite(v) and (v > 0 or v == 0 and key not in positive)):
+            raise ConfigError(f"--{key}={v}: must be " + ("positive" if key in positive else
+                                                          ">= 0") + " and finite")
+    for key in ("beta1", "beta2", "dropout"):
+        if cfg[key] >= 1:
+            raise ConfigError(f"--{key}={cfg[key]}: must be in [0, 1)")
     digits = (cfg["digits_min"], cfg["digits_max"], cfg["ood_digits_min"], cfg["ood_digits_max"])
     for bad, message in (
             (not cfg["out_dir"].strip(), "--out_dir is empty: name a folder for the run"),
@@ -755,6 +755,9 @@ def train(cfg):
     log.print(f"optimizer: {describe(optimizers)}")
     log.print(f"batch: {total:,} tokens/step = {B} seqs x {T} tokens x {world} processes x "
               f"{accum} accumulation steps")
+    if cfg["max_iters"] <= cfg["warmup_iters"]:
+        log.print(f"note: --max_iters={cfg['max_iters']} <= --warmup_iters={cfg['warmup_iters']}: "
+                  f"the learning rate never reaches its peak, --learning_rate")
     if step == 0 and cfg["eval_interval"] and master:
         log.record(kind="eval", step=0, **run_eval(raw, evals, cfg, device, ctx))
     # The read lag. The controller needs CE and M as numbers, and reading them at once would make
@@ -784,14 +787,16 @@ def train(cfg):
         stats[2] = phase                         # its mean over ranks is exact where they agree
         stats = update(raw, optimizers, scaler, cfg, all_mean(stats, ddp, world))   # or skip it
         step += 1                                # a skipped step counts, as under fp16's scaler
-        pending.append((step, phase, lr, 1000 * (time.time() - t0), host_copy(stats)))
+        pending.append({"step": step, "phase": phase, "lr": lr, "ms": 1000 * (time.time() - t0),
+                        "stats": host_copy(stats)})
         at_eval = (cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or \
             step == cfg["max_iters"]
         while len(pending) > (0 if at_eval else lag):
-            s, used, s_lr, ms, copy = pending.popleft()
-            ce, mbe, phase_mean, norm, ok = host_values(copy)
+            rec = pending.popleft()
+            s, used = rec["step"], rec["phase"]
+            ce, mbe, phase_mean, norm, ok = host_values(rec["stats"])
             bad = 0 if ok else bad + 1
-            log_step(log, cfg, s, used, ce, mbe, norm, bad, s_lr, ms, total)
+            log_step(log, cfg, rec, (ce, mbe, norm), bad, total, (t_start, start))
             if abs(phase_mean - used) > 1e-6:    # all ranks read the same all-reduced values
                 raise TrainingError(f"step {s}: processes disagree about the phase "
                                     f"(mean {phase_mean}, this one {used})")
@@ -828,19 +833,25 @@ def train(cfg):
             print_samples(raw, evals["val"][0][0], cfg, device)
 
 
-def log_step(log, cfg, step, phase, ce, mbe, norm, bad, lr, ms, total):
+def log_step(log, cfg, rec, values, bad, total, since):
     """A step's record in log.jsonl (train, or skip: its update was not applied, the bad-th in a
-    row), and a line on the console every log_interval steps."""
+    row), and a line on the console every log_interval steps, with the time since (t0, step0)
+    and an estimate of the time left."""
+    (ce, mbe, norm), step, phase, ms = values, rec["step"], rec["phase"], rec["ms"]
     if bad:
         log.record(kind="skip", step=step, ce=ce, mbe=mbe, grad_norm=norm)
         log.print(f"step {step}: non-finite ce={ce} mbe={mbe} grad_norm={norm}: update skipped "
                   f"({bad}/{cfg['max_bad_steps']})")
         return
-    log.record(kind="train", step=step, phase=phase, ce=ce, mbe=mbe, lr=lr, ms=ms,
+    log.record(kind="train", step=step, phase=phase, ce=ce, mbe=mbe, lr=rec["lr"], ms=ms,
                tok_s=1000 * total / ms)
     if step % cfg["log_interval"] == 0 or step in (1, cfg["max_iters"]):
-        log.print(f"step {step:>5}/{cfg['max_iters']} | {PHASES[phase]} | ce {ce:.4f} | "
-                  f"mbe {mbe:.4f} | lr {lr:.2e} | {ms:.1f} ms | {1000 * total / ms:,.0f} tok/s")
+        took = time.time() - since[0]
+        left = took / (step - since[1]) * (cfg["max_iters"] - step)
+        clock = "{:.0f}m{:02.0f}s".format
+        log.print(f"step {step:>5}/{cfg['max_iters']} | {PHASES[phase]} | ce {ce:.4f} | mbe "
+                  f"{mbe:.4f} | lr {rec['lr']:.2e} | {ms:.1f} ms | {1000 * total / ms:,.0f} tok/s"
+                  f" | {clock(*divmod(took, 60))}, ETA {clock(*divmod(left, 60))}")
 
 
 def on_every_rank(fn, ddp):
@@ -1261,8 +1272,8 @@ def plot_run(train_recs, path, phase_mode):
     layers = "watched" if phase_mode == "memorize" else "compressed"
     for ax, key, label in zip(axes, ("ce", "mbe"), ("train CE", f"MBE of the {layers} layers")):
         ax.plot(steps, [r[key] for r in train_recs], lw=0.8)
-        for a, b in spans:
-            ax.axvspan(a, b, color="tab:orange", alpha=0.2, lw=0)
+        for a, b in spans:   # at least 0.4% of the axis wide: a phase of one step shows
+            ax.axvspan(a, max(b, a + len(steps) / 250), color="tab:orange", alpha=0.3, lw=0)
         ax.set_ylabel(label)
     shaded = "shaded: compression phases" if spans else "no compression phase"
     axes[0].set_title(f"{phase_mode}: CE and MBE (nats) per step ({shaded})")
@@ -1273,13 +1284,23 @@ def plot_run(train_recs, path, phase_mode):
 
 
 @torch.no_grad()
-def print_samples(model, prompts, cfg, device, n_new=32):
-    """Greedy continuations of a few val prompts, decoded when the GPT-2 tokenizer is at hand."""
+def generate(model, idx, n_new, block_size, temperature=0.0, stop=None):
+    """idx (B, T) continued by up to n_new tokens: the argmax at temperature 0, else a draw from
+    softmax(logits / temperature); done early once every row holds the token stop."""
     model.eval()
-    idx = prompts[:3, : cfg["block_size"] // 2].to(device)
     for _ in range(n_new):
-        logits, _, _ = model(idx[:, -cfg["block_size"]:])
-        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        logits = model(idx[:, -block_size:])[0][:, -1].float()          # (B, vocab)
+        nxt = (logits.argmax(-1, keepdim=True) if temperature == 0 else
+               torch.multinomial(F.softmax(logits / temperature, -1), 1))
+        idx = torch.cat([idx, nxt], dim=1)
+        if stop is not None and (idx == stop).any(1).all():
+            break
+    return idx
+
+
+def print_samples(model, prompts, cfg, device):
+    """Greedy continuations of a few val prompts, decoded when the GPT-2 tokenizer is at hand."""
+    idx = generate(model, prompts[:3, : cfg["block_size"] // 2].to(device), 32, cfg["block_size"])
     try:
         enc = data.get_tokenizer(cfg["tokenizer_file"] or None)
         decode = lambda ids: enc.decode([i for i in ids if i < enc.n_vocab])   # noqa: E731
@@ -1288,6 +1309,51 @@ def print_samples(model, prompts, cfg, device, n_new=32):
         print("samples as token ids: no GPT-2 BPE here (pass --tokenizer_file)")
     for row in idx.tolist():
         print("sample:", repr(decode(row)))
+
+
+def sample(cfg):
+    """--sample=PROMPT: continue it with out_dir's checkpoint, as nanoGPT's sample.py. Text goes
+    through GPT-2's BPE; an arithmetic problem is typed as "7 x 8", its answer shown in reading
+    order (the model may write it least-significant digit first, --reverse_answer)."""
+    path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--sample: no checkpoint at {path} (train one, or name its --out_dir)")
+    ck = read_checkpoint(path)
+    try:
+        c = ck["config"]
+        model = GPT(GPTConfig(**{k: c[k] for k in GPTConfig.__dataclass_fields__}))
+        model.load_state_dict(ck["model"])
+    except Exception as e:
+        raise ConfigError(f"--sample: {path} is damaged ({type(e).__name__})") from None
+    device, ctx, _, _ = setup_device(cfg)
+    torch.manual_seed(cfg["seed"])
+    n = cfg["num_samples"] if cfg["temperature"] > 0 else 1   # greedy: always the same
+    if c["task"] == "text":
+        try:
+            enc = data.get_tokenizer(cfg["tokenizer_file"] or c.get("tokenizer_file") or None)
+        except (data.DataError, data.Unavailable) as e:
+            raise ConfigError(f"--sample: {e}") from None
+        prompt, stop, n_new = enc.encode_ordinary(cfg["sample"]), None, 64
+    else:
+        problem = re.fullmatch(r"\s*(\d{1,9})\s*[x*]\s*(\d{1,9})\s*=?\s*", cfg["sample"])
+        if not problem:
+            raise ConfigError(f"--sample={cfg['sample']!r}: this checkpoint multiplies: give a "
+                              f"problem like '7 x 8'")
+        a, b = (int(v) for v in problem.groups())
+        ids, start = data.arith_ids(a, b, False)
+        prompt, stop, n_new = ids[:start], data.EOS, 2 * len(ids) - 2 * start
+    with ctx:
+        rows = generate(model.to(device), torch.tensor([prompt] * n, device=device), n_new,
+                        c["block_size"], cfg["temperature"], stop)
+    for row in rows[:, len(prompt):].tolist():
+        if c["task"] == "text":
+            print(repr(cfg["sample"] + enc.decode([i for i in row if i < enc.n_vocab])))
+            continue
+        said = data.arith_decode(row).partition("<eos>")[0]
+        flip = c["reverse_answer"] and said.isdigit()   # else not an answer: as written
+        answer = said[::-1] if flip else said
+        print(f"{a} x {b} = {answer}   " + ("right" if answer == str(a * b) else
+                                           f"wrong: {a * b}") + f" (written {said})" * flip)
 
 # -----------------------------------------------------------------------------
 # The command line. Every way a run can end is decided in one place, ending(): bad input is one
@@ -1300,7 +1366,7 @@ def main(argv=None, parse=parse_args, run=None, script=__file__):
     cfg, term = None, signal.signal(signal.SIGTERM, sigterm)
     try:
         cfg = parse(argv)
-        (run or train)(cfg)
+        (run or (sample if cfg["sample"] else train))(cfg)
         return 0
     except BaseException as e:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)   # the last line is not cut short

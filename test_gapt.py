@@ -9,6 +9,7 @@ import itertools
 import json
 import logging
 import math
+import re
 import os
 import shutil
 import signal
@@ -1356,15 +1357,16 @@ def test_compare_table_differences_are_from_the_first_arm_and_paired_by_seed(tmp
             Path(out, "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     table = json.loads(json.dumps(experiments.compare_table(dirs)))   # as results.json holds it
     assert table["memorize"] == {"separation": [2.5, pytest.approx(1.2910, abs=1e-4)],
-                                 "loss": [0.5, 0.0]}
+                                 "loss": [0.5, 0.0], "compressing": [0.0, 0.0]}   # no train records
     vs = table["gapt"]["vs_memorize"]["separation"]                     # differences 1, 2, 3, 4
     assert vs["diff"] == 2.5 and vs["ci95"] == pytest.approx([0.4458, 4.5542], abs=1e-4)
     assert table["gapt"]["vs_memorize"]["loss"] == {"diff": 0.0, "ci95": [0.0, 0.0]}
     vs = table["compress"]["vs_memorize"]["separation"]   # from memorize, not gapt
     assert vs == {"diff": 2.0, "ci95": [2.0, 2.0]}
     out = capsys.readouterr().out
-    assert "| arm - memorize: mean [95% paired t interval] | separation | loss |" in out
-    assert "| gapt | +2.5000 [+0.4457, +4.5543] | +0.0000 [+0.0000, +0.0000] |" in out
+    assert "| arm, final - memorize, final: mean [95% t interval] | separation | loss | compressing |" in out
+    assert "| gapt (paired) | +2.5000 [+0.4457, +4.5543] | +0.0000 [+0.0000, +0.0000] |" in out
+    assert "gapt never compressed: its intervals compare the baseline with itself" in out
 
 
 def test_compare_writes_each_arms_paired_differences_to_results_json(tmp_path):
@@ -1374,9 +1376,11 @@ def test_compare_writes_each_arms_paired_differences_to_results_json(tmp_path):
     assert r.returncode == 0, r.stderr
     table = json.loads((out / "results.json").read_text())
     assert "vs_memorize" not in table["memorize"]
-    assert "| arm - memorize: mean [95% paired t interval] |" in r.stdout
+    assert "| arm, final - memorize, final: mean [95% t interval] |" in r.stdout
     final = {a: [read_log(out / f"{a}_seed{s}", "eval")[-1] for s in range(3)] for a in table}
     for k, d in table["gapt"]["vs_memorize"].items():
+        if k == "compressing":                                # a share of the steps, not an eval
+            continue
         diffs = [g[k] - m[k] for g, m in zip(final["gapt"], final["memorize"])]
         half = 4.3027 * np.std(diffs, ddof=1) / math.sqrt(3)   # t_{0.975, 2} = 4.3027
         assert d["diff"] == pytest.approx(np.mean(diffs)), k
@@ -2195,3 +2199,157 @@ def test_a_checkpoint_whose_config_is_not_a_dict_is_damaged(tmp_path, capsys):
     for bad in ("not a dict", [1, 2]):                                # a valid checksum all the same
         gapt.save_checkpoint(str(out / "ckpt.pt"), dict(ck, config=bad))
         one_line_error(*small_run(out, "--init_from=resume", capsys=capsys), 2, "damaged")
+
+# -----------------------------------------------------------------------------
+# issue 21: what a new user meets first
+
+
+def test_the_controller_says_what_ended_each_phase():
+    g = gapt.GAPT(delta_ce=0.1, delta_mbe=0.5, tau=0.5, p_m=1, p_c=2)
+    assert trace(g, [(3.0, 1.0), (2.95, 1.0)]) == [1, 2]
+    assert g.why == {"reason": "CE plateau", "ce": 2.95, "best_ce": 2.95}
+    assert trace(g, [(2.0, 1.0), (3.1, 0.9)]) == [2, 1]              # 3.1 > 1.5 * 2.0
+    assert g.why == {"reason": "CE spike", "ce": 3.1, "best_ce": 2.0}
+    trace(g, [(2.9, 1.0)])                                           # compressing again
+    assert trace(g, [(2.9, 1.0), (2.9, 0.9), (2.9, 0.8)]) == [2, 2, 1]   # no gain > 0.5 in 2 steps
+    assert g.why == {"reason": "MBE plateau", "mbe": 0.8, "best_mbe": 0.8}
+
+
+def test_each_switch_is_a_line_and_a_record_and_the_summary_counts_them(tmp_path):
+    out = tmp_path / "run"
+    r = run_gapt(*STEADY, "--max_iters=40", "--eval_interval=20", "--tau=0.05", f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr
+    train, switches = read_log(out, "train"), read_log(out, "switch")
+    changes = [(a["step"], b["phase"]) for a, b in zip(train, train[1:]) if a["phase"] != b["phase"]]
+    assert [(s["step"], s["phase"]) for s in switches] == changes and len(changes) >= 2
+    reasons = [s["reason"] for s in switches]
+    assert len(set(reasons)) >= 2 and set(reasons) <= {"CE plateau", "CE spike", "MBE plateau"}
+    for s in switches:
+        assert f"step {s['step']:>5} | {gapt.PHASES[3 - s['phase']]} -> {gapt.PHASES[s['phase']]} | {s['reason']}" \
+            in r.stdout
+    counts = ", ".join(f"{n} {reasons.count(n)}" for n in sorted(set(reasons)))
+    assert f"phase switches {len(switches)} ({counts})" in r.stdout
+
+
+def test_the_console_opens_with_the_changed_flags_and_counts_the_time(tmp_path):
+    r = run_gapt(*TINY, "--max_iters=3", "--warmup_iters=5", "--eval_interval=0", f"--out_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    first = r.stdout.splitlines()[0]
+    assert first.startswith("config: ") and "--n_embd=32" in first and "--p_m" not in first   # not the defaults
+    assert "--max_iters=3 <= --warmup_iters=5: the learning rate never reaches its peak" in r.stdout
+    assert re.search(r"step +3/3 \|.* \| \d+m\d\ds, ETA 0m00s", r.stdout), r.stdout
+
+
+def test_sampling_an_arithmetic_checkpoint_shows_the_answer_in_reading_order(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert small_run(out)[0] == 0
+    capsys.readouterr()
+    said = [data.ARITH_STOI[c] for c in "65"] + [data.EOS]                 # 56, least-significant digit first
+    monkeypatch.setattr(gapt, "generate", lambda m, idx, *a, **k: torch.cat(
+        [idx, torch.tensor([said] * len(idx))], 1))
+    assert gapt.main(["--device=cpu", f"--out_dir={out}", "--sample= 7x8 ="]) == 0
+    assert capsys.readouterr().out == "7 x 8 = 56   right (written 65)\n"
+    monkeypatch.undo()
+    assert gapt.main(["--device=cpu", f"--out_dir={out}", "--sample=7 x 8", "--temperature=1",
+                      "--num_samples=4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and all(re.fullmatch(r"7 x 8 = .* +(right|wrong: 56)( \(written \d+\))?", l)
+                                   for l in lines), lines
+    code = gapt.main(["--device=cpu", f"--out_dir={out}", "--sample=hello"])
+    one_line_error(code, capsys.readouterr().err, 2, "like '7 x 8'")
+    code = gapt.main(["--device=cpu", f"--out_dir={tmp_path / 'none'}", "--sample=7 x 8"])
+    one_line_error(code, capsys.readouterr().err, 2, "no checkpoint")
+
+
+def test_generate_is_greedy_at_temperature_zero_and_stops_at_the_stop_token():
+    model = tiny_gpt(T=16, vocab=16).eval()
+    idx = torch.randint(16, (2, 3))
+    out = gapt.generate(model, idx, 5, 16)
+    want = idx
+    for _ in range(5):
+        want = torch.cat([want, model(want)[0][:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, want)
+    first = int(want[0, 3])
+    stopped = gapt.generate(model, idx[:1], 5, 16, stop=first)
+    assert stopped.shape == (1, 4)                                        # done at the stop token
+
+
+def test_sampling_a_text_checkpoint_continues_the_prompt(text_dir, tmp_path, capsys):
+    shards, _ = text_dir
+    out = tmp_path / "run"
+    assert gapt.main(["--device=cpu", "--task=text", f"--data_dir={shards}", "--n_layer=1", "--n_head=2",
+                      "--n_embd=16", "--block_size=16", "--batch_size=4", "--val_tokens=64", "--max_iters=2",
+                      f"--tokenizer_file={tokenizer_file()}", f"--out_dir={out}"]) == 0
+    capsys.readouterr()
+    assert gapt.main(["--device=cpu", f"--out_dir={out}", "--sample=The model", "--temperature=0.8",
+                      "--num_samples=2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(l.startswith("'The model") for l in lines)
+
+
+def test_the_val_tokens_error_names_the_largest_value_that_fits(text_dir, tmp_path, capsys):
+    shards, _ = text_dir
+    args = ["--device=cpu", "--task=text", f"--data_dir={shards}", "--n_layer=1", "--n_head=2", "--n_embd=16",
+            "--block_size=16", "--batch_size=4", "--max_iters=1", f"--out_dir={tmp_path / 'run'}"]
+    code = gapt.main([*args, "--val_tokens=100000000"])
+    err = capsys.readouterr().err
+    one_line_error(code, err, 2, "at most --val_tokens=")
+    fits = int(re.search(r"at most --val_tokens=(\d+)", err).group(1))
+    assert fits % 16 == 0 and gapt.main([*args, f"--val_tokens={fits}"]) == 0
+    capsys.readouterr()
+    one_line_error(gapt.main([*args, f"--val_tokens={fits + 16}"]), capsys.readouterr().err, 2, str(fits))
+
+# -----------------------------------------------------------------------------
+# issue 20: arms with flags, unpaired arms, selection on the test set
+
+
+def test_each_arms_flags_reach_its_run_and_results_json(tmp_path):
+    out = tmp_path / "cmp"
+    r = run_exp(*TINY, "--max_iters=4", "--eval_interval=2", "--n_eval=32", "--seeds=2", f"--out_dir={out}",
+                "--compare=memorize,gapt:tau=0.5:p_m=2,memorize:batch_size=8")
+    assert r.returncode == 0, r.stderr
+    for arm, want in (("memorize", {"tau": 0.1, "batch_size": 16}), ("gapt:tau=0.5:p_m=2", {"tau": 0.5, "p_m": 2}),
+                      ("memorize:batch_size=8", {"batch_size": 8, "phase_mode": "memorize"})):
+        for s in range(2):
+            c = json.loads((out / f"{arm}_seed{s}" / "config.json").read_text())
+            assert {k: c[k] for k in want} == want and c["seed"] == 1337 + s
+    table = json.loads((out / "results.json").read_text())
+    assert table["gapt:tau=0.5:p_m=2"]["flags"] == {"tau": 0.5, "p_m": 2, "phase_mode": "gapt"}
+    assert "| gapt:tau=0.5:p_m=2 (paired) |" in r.stdout and "| memorize:batch_size=8 (Welch) |" in r.stdout
+    for bad in ("memorize,sleep", "gapt,gapt", "gapt:nope=1", "gapt:tau=x"):
+        r = run_exp(*TINY, f"--compare={bad}", f"--out_dir={tmp_path / 'bad'}")
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and not (tmp_path / "bad").exists(), r.stderr
+
+
+def test_welch_interval_is_the_hand_computed_one():
+    # base 1, 2, 3, 4 (mean 2.5, var 5/3), other 2, 4, 6 (mean 4, var 4): se^2 = 5/12 + 4/3 = 1.75,
+    # df = 1.75^2 / ((5/12)^2 / 3 + (4/3)^2 / 2) = 3.30 -> 3, t_{0.975, 3} = 3.1824
+    r = experiments.welch_diff([1, 2, 3, 4], [2, 4, 6])
+    half = 3.1824 * math.sqrt(1.75)
+    assert r["diff"] == 1.5 and r["ci95"] == pytest.approx([1.5 - half, 1.5 + half], abs=1e-3)
+    assert experiments.welch_diff([1.0], [2.0, 3.0])["ci95"] is None
+    assert experiments.welch_diff([1, 1], [2, 2]) == {"diff": 1.0, "ci95": [1.0, 1.0]}
+
+
+def test_selection_on_the_test_set_is_each_runs_eval_of_lowest_ood_ce(tmp_path, capsys):
+    logs = {"memorize": [[(1, 5.0, 0.1), (2, 4.0, 0.2), (3, 4.5, 0.3)], [(1, 3.0, 0.5), (2, 3.5, 0.6), (3, 3.2, 0.7)]],
+            "gapt": [[(1, 4.8, 0.0), (2, 4.9, 0.1), (3, 3.9, 0.2)], [(1, 2.0, 0.9), (2, 2.5, 0.8), (3, 2.9, 0.7)]]}
+    dirs = {}
+    for arm, runs in logs.items():
+        for s, run in enumerate(runs):
+            d = tmp_path / f"{arm}_seed{s}"
+            d.mkdir()
+            recs = [{"kind": "eval", "step": st, "ood_ce": ce, "id_acc": acc} for st, ce, acc in run]
+            recs += [{"kind": "train", "step": 1, "phase": 2 if arm == "gapt" else 1, "ce": 1.0, "mbe": 1.0}]
+            (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+            dirs.setdefault(arm, []).append(str(d))
+    table = experiments.compare_table(dirs)
+    # by hand: memorize picks (2, 4.0, 0.2) and (1, 3.0, 0.5); gapt (3, 3.9, 0.2) and (1, 2.0, 0.9)
+    assert table["memorize"]["test_selected"]["id_acc"][0] == pytest.approx(0.35)
+    assert table["gapt"]["test_selected"]["ood_ce"][0] == pytest.approx(2.95)
+    assert table["gapt"]["test_selected"]["vs_memorize"]["ood_ce"]["diff"] == pytest.approx(2.95 - 3.5)
+    assert table["gapt"]["test_selected_vs_final"]["ood_ce"]["diff"] == pytest.approx(2.95 - (4.5 + 3.2) / 2)
+    assert table["gapt"]["ood_ce"][0] == pytest.approx((3.9 + 2.9) / 2)       # the final evals, as before
+    assert table["gapt"]["compressing"][0] == 1.0 and table["memorize"]["compressing"][0] == 0.0
+    out = capsys.readouterr().out
+    assert "Selected on the test set" in out and "optimistic" in out and "(steps 1-3)" in out
