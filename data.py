@@ -5,9 +5,8 @@ Data for gapt.py: the built-in synthetic tasks (no download) and GPT-2 token sha
     python data.py fineweb --cached 10           # modded-nanogpt's pre-tokenised shards instead
     python data.py text notes.txt more.jsonl     # your own text -> the same shard format
 
-Sections, top to bottom: arithmetic multiplication (the default task of gapt.py),
-the catastrophic-forgetting toy, token shards (format, FineWeb, your own text),
-and the command line. Importing this module has no side effects.
+Sections: arithmetic multiplication (gapt.py's default task), the catastrophic-forgetting toy,
+token shards (format, FineWeb, your own text) and the command line. Importing it does nothing.
 """
 import argparse
 import base64
@@ -30,8 +29,7 @@ import torch
 
 
 class DataError(ValueError):
-    """Bad input: a missing, unreadable or damaged file, an empty corpus, a shard changed under a
-    run."""
+    """Bad input: a missing, unreadable or damaged file, an empty corpus, a shard changed."""
 
 # -----------------------------------------------------------------------------
 # Arithmetic multiplication: "<bos>a x b = c<eos>", one character per token. The paper
@@ -46,6 +44,7 @@ PAD, BOS, EOS = 0, 1, 2                               # special token ids
 ARITH_STOI = {c: i + 3 for i, c in enumerate(ARITH_CHARS)}
 ARITH_ITOS = {i: c for c, i in ARITH_STOI.items()} | {PAD: "", BOS: "", EOS: ""}
 ARITH_VOCAB = 3 + len(ARITH_CHARS)                    # 16
+EVAL_SEED = 20250513   # fixed: every run, whatever its --seed, is tested on the same problems
 
 
 def arith_len(max_digits):
@@ -54,8 +53,8 @@ def arith_len(max_digits):
 
 
 def arith_sample(rng, n, lo, hi):
-    """n operand pairs, each operand with a digit count uniform in [lo, hi] and
-    then uniform among the numbers with that many digits (1 digit includes 0)."""
+    """n operand pairs, each operand with a digit count uniform in [lo, hi] and then uniform
+    among the numbers with that many digits (1 digit includes 0)."""
     d = rng.integers(lo, hi + 1, size=(2, n))
     low = np.where(d == 1, 0, 10 ** (d - 1))
     return rng.integers(low, 10 ** d, dtype=np.int64)   # (2, n)
@@ -69,10 +68,9 @@ def arith_ids(a, b, reverse):
 
 
 def arith_encode(a, b, block_size, reverse, loss="answer"):
-    """Token ids of a batch of problems, one per row at position 0, padded.
-    Returns x, y: (n, block_size) int64; y[i, t] is the target for x[i, t], or -1
-    on every position that is not an answer digit or the closing <eos> (loss="answer":
-    minGPT-adder style) or that follows the <eos> (loss="all")."""
+    """Token ids of a batch of problems, one per row at position 0, padded -> x, y: (n, block_size)
+    int64, y[i, t] the target for x[i, t] or -1 where no loss is taken: off the answer digits and
+    the closing <eos> (loss="answer", minGPT-adder style) or after the <eos> (loss="all")."""
     n = a.shape[0]
     seq = np.full((n, block_size + 1), PAD, dtype=np.int64)
     tgt = np.full((n, block_size + 1), -1, dtype=np.int64)
@@ -98,9 +96,6 @@ def arith_stream(ab, reverse):
     return np.array(tokens, dtype=np.int64), np.array(answer)
 
 
-EVAL_SEED = 20250513   # fixed: every run, whatever its --seed, is tested on the same problems
-
-
 def arith_key(a, b):
     """A unique int per ordered pair (operands < 10**9), to hold out problems."""
     return a * 10**9 + b
@@ -118,12 +113,11 @@ class Resumable:
 
 
 class Arithmetic(Resumable):
-    """Training batches from a seeded generator plus fixed held-out ID and OOD sets.
-    The held-out ID problems are excluded from training, so ID accuracy measures
-    generalization to unseen problems of the trained sizes, OOD to larger sizes.
-    layout="padded": one problem per row at position 0. layout="packed" (the author's):
-    rows are windows of a stream of problems, as on text; the training stream is drawn
-    lazily, a fresh stretch per row, and its loss is on every token or on the answers only."""
+    """Training batches from a seeded generator plus fixed held-out ID and OOD sets. The held-out
+    ID problems are excluded from training, so ID accuracy measures generalization to unseen
+    problems of the trained sizes, OOD to larger sizes. layout="padded": one problem per row at
+    position 0. layout="packed" (the author's): rows are windows of a stream of problems, as on
+    text, drawn lazily, a fresh stretch per row; the loss is on every token or the answers only."""
 
     def __init__(self, seed, block_size, train_digits=(1, 2), ood_digits=(3, 3),
                  n_eval=512, reverse=True, rank=0, layout="padded", loss="answer"):
@@ -153,10 +147,8 @@ class Arithmetic(Resumable):
     def problems(self, n):
         """(2, n) fresh training operands, none of them held out."""
         ab = arith_sample(self.rng, n, *self.train_digits)
-        bad = np.isin(arith_key(*ab), self.held_out)
-        while bad.any():                               # resample held-out pairs
+        while (bad := np.isin(arith_key(*ab), self.held_out)).any():   # resample held-out pairs
             ab[:, bad] = arith_sample(self.rng, int(bad.sum()), *self.train_digits)
-            bad = np.isin(arith_key(*ab), self.held_out)
         return ab
 
     def batch(self, n):
@@ -201,15 +193,13 @@ def arith_decode(ids):
 
 
 def forgetting_data(seed, n_in=10, n_hidden=50, m=0.8, rank=1, n_train=512, n_test=512):
-    """The two regression tasks of gapt.py --task=forgetting, from one seed.
-    Teacher f: n_in -> n_hidden -> 1 with ReLU; theta0 has weights and biases
-    ~ N(0, 1/fan_in). Delta: for each weight matrix W a random rank-`rank`
-    matrix U V^T (Gaussian factors) rescaled to ||W||_F; the biases are not
-    moved (Delta is 0 there). P1: the first n_in // 2 features ~ N(1, 0.25^2),
-    the others ~ N(0, 0.25^2); P2 is P1 mirrored (the halves swap).
-    Returns float32 tensors xa, ya, xb, yb (n_train rows) and the held-out
-    xa_test, ya_test, xb_test, yb_test (n_test rows): x (n, n_in), y (n, 1),
-    ya = f(theta0 + m Delta)(xa), yb = f(theta0 - m Delta)(xb)."""
+    """The two regression tasks of experiments.py --task=forgetting, from one seed. Teacher f:
+    n_in -> n_hidden -> 1 with ReLU; theta0 has weights and biases ~ N(0, 1/fan_in). Delta: for
+    each weight matrix W a random rank-`rank` matrix U V^T (Gaussian factors) rescaled to ||W||_F;
+    the biases are not moved. P1: the first n_in // 2 features ~ N(1, 0.25^2), the others
+    ~ N(0, 0.25^2); P2 is P1 mirrored (the halves swap). Returns float32 tensors xa, ya, xb, yb
+    (n_train rows) and the held-out xa_test, ya_test, xb_test, yb_test (n_test rows): x (n, n_in),
+    y (n, 1), ya = f(theta0 + m Delta)(xa), yb = f(theta0 - m Delta)(xb)."""
     rng = np.random.default_rng(seed)
     shapes = [(n_hidden, n_in), (1, n_hidden)]                      # (out, in) per layer
     W = [rng.normal(0, 1 / np.sqrt(s[1]), s) for s in shapes]
@@ -217,8 +207,6 @@ def forgetting_data(seed, n_in=10, n_hidden=50, m=0.8, rank=1, n_train=512, n_te
     D = [rng.normal(size=(s[0], rank)) @ rng.normal(size=(rank, s[1])) for s in shapes]
     D = [d * np.linalg.norm(w) / np.linalg.norm(d) for w, d in zip(W, D)]
     mean_p1 = (np.arange(n_in) < n_in // 2).astype(np.float64)      # (n_in,): 1 on the first half
-    means = {"a": mean_p1, "b": mean_p1[::-1]}
-    signs = {"a": 1.0, "b": -1.0}
 
     def teacher(x, sign):
         W1, W2 = (w + sign * m * d for w, d in zip(W, D))
@@ -226,10 +214,10 @@ def forgetting_data(seed, n_in=10, n_hidden=50, m=0.8, rank=1, n_train=512, n_te
 
     out = {}
     for suffix, n in (("", n_train), ("_test", n_test)):
-        for t in "ab":
-            x = means[t] + 0.25 * rng.normal(size=(n, n_in))
+        for t, mean, sign in (("a", mean_p1, 1.0), ("b", mean_p1[::-1], -1.0)):
+            x = mean + 0.25 * rng.normal(size=(n, n_in))
             out[f"x{t}{suffix}"] = torch.tensor(x, dtype=torch.float32)
-            out[f"y{t}{suffix}"] = torch.tensor(teacher(x, signs[t]), dtype=torch.float32)
+            out[f"y{t}{suffix}"] = torch.tensor(teacher(x, sign), dtype=torch.float32)
     return out
 
 
@@ -279,8 +267,7 @@ def read_shard(path):
 def check_ids(path, vocab_size, chunk=2**24):
     """ValueError if a token id in the shard is >= vocab_size (another tokenizer's shard). Reads the
     whole shard in 32 MB chunks: 0.04 s per 100M tokens from the page cache (measured)."""
-    n = len(read_shard(path))
-    for i in range(0, n, chunk):
+    for i in range(0, len(read_shard(path)), chunk):
         top = int(read_shard(path)[i:i + chunk].max())   # a fresh memmap per chunk: flat memory
         if top >= vocab_size:
             raise ValueError(f"{path}: token id {top} is outside the vocabulary [0, {vocab_size}): "
@@ -437,17 +424,6 @@ def pack(token_docs, sizes):
         yield shard[:fill]
 
 
-def claim(out_dir, prefix):
-    """The names of this corpus's shards already in out_dir. gapt.py reads every shard of a
-    folder, so another corpus's shards there are refused, before anything is downloaded."""
-    old = {p.name for split in ("train", "val") for p in Path(out_dir).glob(f"*_{split}_*.bin")
-           if p.is_file()}
-    if others := sorted(n for n in old if not n.startswith(prefix + "_")):
-        raise DataError(f"{out_dir} holds another corpus's shards ({others[0]}, ...): "
-                        "choose another --out")
-    return old
-
-
 def write_shards(token_docs, out_dir, prefix, old, sizes):
     """out_dir/{prefix}_val_000000.bin, then {prefix}_train_000001.bin, ..., of the given sizes.
     They are staged in out_dir/.partial and moved in place at the end, replacing old: a run
@@ -515,10 +491,9 @@ def read_rows(path):
             for i, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        row = json.loads(line)
+                        yield json.loads(line)
                     except ValueError as e:   # json's own position is within the line
                         raise ValueError(f"line {i} is not JSON ({e.msg})") from None
-                    yield row
     else:
         text = Path(path).read_text(encoding="utf-8")
         yield from ({"text": block} for block in re.split(r"\n\s*\n", text))
@@ -560,8 +535,13 @@ def download_cached(n, out_dir):
 
 
 def prepare(args):
-    """One corpus, read (or streamed), tokenised and written as shards."""
-    old = claim(args.out, args.source)
+    """One corpus, read (or streamed), tokenised and written as shards. gapt.py reads every shard
+    of a folder, so another corpus's shards in --out are refused, before anything is downloaded."""
+    old = {p.name for split in ("train", "val") for p in Path(args.out).glob(f"*_{split}_*.bin")
+           if p.is_file()}                               # this corpus's, replaced at the end
+    if others := sorted(n for n in old if not n.startswith(args.source + "_")):
+        raise DataError(f"{args.out} holds another corpus's shards ({others[0]}, ...): "
+                        "choose another --out")
     if args.source == "fineweb" and args.cached:
         return download_cached(args.cached, args.out)
     if args.source == "text":

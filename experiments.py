@@ -1,20 +1,19 @@
 """
 What runs or measures many gapt.py runs, as nanoGPT's bench.py sits beside its train.py:
 
-    python experiments.py --compare=memorize,gapt --seeds=3   # arms x seeds: a table with paired
-                                                             # intervals, results.json, figures
+    python experiments.py --compare=memorize,gapt --seeds=3   # arms x seeds: table, figures
     python experiments.py --task=forgetting                  # the forgetting toy: an MLP, seconds
     python experiments.py --task=forgetting --compare=memorize,gapt,compress --seeds=20
     python experiments.py --bench                            # ms/step: memorise, compress, plain
     python experiments.py --help                             # its flags, then every gapt.py flag
 
-Every gapt.py flag works here too, for each run. Read top to bottom: the flags, the forgetting
-toy, comparisons (runs, table, intervals, figures), the benchmark, main. It imports gapt.py and
-data.py; they never import it.
+Every gapt.py flag works here too, for each run. Sections: the forgetting toy, comparisons (runs,
+table, intervals, figures), the benchmark. It imports gapt.py and data.py, never the reverse.
 """
 import json
 import math
 import os
+import shutil
 import time
 from collections import deque
 
@@ -68,10 +67,9 @@ def separation(ha, hb):
 
 def fit_task(model, x, y, cfg, log, task, start):
     """max_iters full-batch Adam steps on L1 (+ mbe_weight * M when compressing) -> the last step.
-    The learning rate is constant: a schedule across both tasks would learn B slower than A.
-    The controller starts afresh: carried over, its best loss would be A's, which B's early
-    losses never improve on, so it would compress after p_m steps while B is still unlearnt.
-    A step with a non-finite loss is skipped, as in gapt.py, and max_bad_steps in a row stop."""
+    The learning rate is constant: a schedule across both tasks would learn B slower than A. The
+    controller starts afresh: A's best loss, which B's early losses never beat, would make it
+    compress after p_m steps with B unlearnt. Non-finite steps are skipped as in gapt.py."""
     ctrl, phase = gapt.controller(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["learning_rate"])   # no task-A moments in B
     n_compress = bad = 0
@@ -80,9 +78,10 @@ def fit_task(model, x, y, cfg, log, task, start):
         l1 = F.l1_loss(pred, y)
         hs = [(h if phase == COMPRESS else h.detach())[None]]   # samples as one (1, n, D) sequence
         M = gapt.layer_mbe(hs, [0], cfg["patch_size"])[0]       # in memorisation only watched
-        if not (math.isfinite(l1.item()) and math.isfinite(M.item())):
+        loss, mbe = l1.item(), M.item()
+        if not (math.isfinite(loss) and math.isfinite(mbe)):
             bad += 1
-            log.record(kind="skip", step=step, task=task, loss=l1.item(), mbe=M.item())
+            log.record(kind="skip", step=step, task=task, loss=loss, mbe=mbe)
             if bad >= cfg["max_bad_steps"]:
                 raise TrainingError(f"task {task}, step {step}: {bad} consecutive non-finite "
                                     f"losses (try a lower --learning_rate)")
@@ -92,11 +91,11 @@ def fit_task(model, x, y, cfg, log, task, start):
         opt.step()
         used, n_compress, bad = phase, n_compress + (phase == COMPRESS), 0
         if cfg["phase_mode"] == "gapt":
-            phase = ctrl.step(l1.item(), M.item())
-        log.record(kind="train", step=step, task=task, phase=used, loss=l1.item(), mbe=M.item())
+            phase = ctrl.step(loss, mbe)
+        log.record(kind="train", step=step, task=task, phase=used, loss=loss, mbe=mbe)
         if step % cfg["log_interval"] == 0:
-            log.print(f"task {task} step {step:>5} | {gapt.PHASES[used]} | "
-                      f"l1 {l1.item():.4f} | mbe {M.item():.4f}")
+            log.print(f"task {task} step {step:>5} | {gapt.PHASES[used]} | l1 {loss:.4f} | "
+                      f"mbe {mbe:.4f}")
     log.print(f"task {task}: compression {100 * n_compress / cfg['max_iters']:.0f}% of "
               f"{cfg['max_iters']} steps")
     return step
@@ -113,13 +112,12 @@ def forgetting_eval(model, d, patch_size):
 
 
 def forgetting(cfg):
-    if "RANK" in os.environ or cfg["init_from"] != "scratch" or \
-            cfg["device"] not in ("auto", "cpu"):
+    if cfg["init_from"] != "scratch" or cfg["device"] not in ("auto", "cpu"):
         raise ConfigError("--task=forgetting trains a small MLP in seconds, from scratch (no "
-                          "--init_from) on the CPU: launch it with python")
+                          "--init_from) on the CPU")
     n_in, n_hidden = 10, 50                          # the paper's teacher, and so the student
     d = data.forgetting_data(cfg["seed"], n_in, n_hidden, cfg["forget_m"])
-    if len(d["xa"]) % cfg["patch_size"] or len(d["xa_test"]) % cfg["patch_size"]:
+    if len(d["xa"]) % cfg["patch_size"]:              # the test sets are as long
         raise ConfigError(f"--patch_size={cfg['patch_size']} must divide the toy's {len(d['xa'])} "
                           f"samples per task")
     torch.set_num_threads(1)   # matmuls this small only wait on each other in threads (20x slower)
@@ -159,10 +157,6 @@ DATA = ("batch_size", "total_batch_size", "block_size", "digits_min", "digits_ma
 COMPARE_FILES = r"results\.json|config\.json|(arithmetic|text|forgetting|cycle)\.png|.*_seed\d+"
 
 
-def one_run(cfg):
-    return forgetting(cfg) if cfg["task"] == "forgetting" else gapt.train(cfg)
-
-
 def parse_arms(spec):
     """"memorize,gapt:tau=1" -> {"memorize": {"phase_mode": "memorize"}, "gapt:tau=1": {...}}:
     each arm's phase mode and flags, checked and typed as on gapt.py's command line."""
@@ -179,13 +173,10 @@ def parse_arms(spec):
 
 
 def compare(cfg):
-    """Every arm x --seeds runs into out_dir/<arm>_seed<s>, then the table, the differences and
-    the figures. Seeds outer: a stopped comparison has every arm for the seeds done, and
-    --init_from=resume continues it: arms not started yet start as the others did, from the
-    comparison's config.json."""
+    """Every arm x --seeds runs into out_dir/<arm>_seed<s>, then the table, the differences and the
+    figures. Seeds outer: a stopped comparison has every arm for the seeds done. --init_from=resume
+    continues it; arms not started yet start as the others did, from its config.json."""
     arms = parse_arms(cfg["compare"])
-    if "RANK" in os.environ:
-        raise ConfigError("--compare runs its arms one after another: launch it with python")
     saved, fresh = os.path.join(cfg["out_dir"], "config.json"), cfg["init_from"]
     if fresh == "resume" and os.path.isfile(saved):   # the model, data and start of its arms
         try:
@@ -223,14 +214,13 @@ def compare(cfg):
             out = os.path.join(cfg["out_dir"], f"{arm}_seed{s}")
             print(f"=== {arm}, seed {cfg['seed'] + s} -> {out}", flush=True)
             resume = cfg["init_from"] == "resume" and os.path.exists(os.path.join(out, "ckpt.pt"))
+            one = {**cfg, **flags, "seed": cfg["seed"] + s, "out_dir": out, "compare": "",
+                   "init_from": "resume" if resume else fresh}
             try:
-                one_run({**cfg, **flags, "seed": cfg["seed"] + s, "out_dir": out, "compare": "",
-                         "init_from": "resume" if resume else fresh})
+                forgetting(one) if one["task"] == "forgetting" else gapt.train(one)
             except ConfigError:   # bad input found by the first run: no out_dir made for nothing
                 if made and sorted(os.listdir(cfg["out_dir"])) == [".lock", "config.json"]:
-                    for name in (saved, lock.name):
-                        os.remove(name)
-                    os.rmdir(cfg["out_dir"])
+                    shutil.rmtree(cfg["out_dir"])
                 raise
             dirs[arm].append(out)
     base = next(iter(arms))
@@ -305,8 +295,7 @@ def compare_table(dirs, unpaired=()):
     """Each arm's final evals: mean and std over seeds, its share of steps compressing, and each
     later arm's difference from the first (the baseline) under "vs_<baseline>", paired by seed
     or, for the arms in unpaired, Welch's. Where the runs have an OOD test set, the same again at
-    each run's eval of lowest OOD answer CE, as early stopping on the test set would report:
-    optimistic by construction, beside the final step's and against the baseline's final."""
+    each run's eval of lowest OOD answer CE (test_selected), also against the baseline's final."""
     evals = {a: [read_log(o, "eval") for o in outs] for a, outs in dirs.items()}
     empty = [o for a, outs in dirs.items() for o, e in zip(outs, evals[a]) if not e]
     if empty:   # its log.jsonl was deleted, say
@@ -334,7 +323,6 @@ def summarize(runs, base_runs, unpaired, what, against=None, rows=True):
     """Print runs' metrics (mean +- std per arm) and each later arm's difference from the first
     arm's base_runs (markdown); return them as {arm: {metric: (mean, std), "vs_<base>": ...}}."""
     base = next(iter(runs))
-    n = len(runs[base])
     keys = [k for k, v in runs[base][0].items() if isinstance(v, float) and all(
         isinstance(f.get(k), (int, float)) for fs in (*runs.values(), base_runs[base]) for f in fs)]
     vals = {arm: {k: [f[k] for f in fs] for k in keys} for arm, fs in runs.items()}
@@ -342,7 +330,7 @@ def summarize(runs, base_runs, unpaired, what, against=None, rows=True):
              for arm, row in vals.items()}
     head = " | ".join(keys) + " |\n" + "|---" * (len(keys) + 1) + "|"
     if rows:
-        print(f"\n| arm (n={n}), {what} | {head}")
+        print(f"\n| arm (n={len(runs[base])}), {what} | {head}")
         for arm, row in table.items():
             print(f"| {arm} | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in row.values()) + " |")
     if len(runs) > 1:
@@ -380,7 +368,7 @@ def plot_cycle(dirs, path, seed):
             ax.plot([r["step"] for r in recs], [r["cos"] for r in recs], lw=0.9,
                     label=f"seed {seed + s}")
         ax.axhline(0, color="k", lw=0.6)
-        ax.set_title(f"{arm}")
+        ax.set_title(arm)
         ax.set_xlabel("optimizer step")
         ax.legend(fontsize=7, ncol=2)
     axes[0][0].set_ylabel("cos(grad CE, grad MBE)")
@@ -439,8 +427,7 @@ def plot_compare(dirs, cfg, path):
 # data loading, one micro-batch a step), so machine noise hits them alike; ratios are medians
 # of the ratios within each turn.
 
-# peak dense bf16 tensor FLOP/s (datasheets, no sparsity) by a substring of the GPU's name; first
-# match wins
+# peak dense bf16 FLOP/s (datasheets, no sparsity) by a substring of the GPU's name: first match
 PEAK_FLOPS = (("GB200", 2500e12), ("B200", 2250e12), ("H200 NVL", 836e12), ("H200", 989e12),
               ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12),
               ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("RTX 4090", 165e12),
@@ -465,8 +452,7 @@ def renyi_entropy(Z, alpha):
 
 def bench(cfg):
     """Median step times of a plain loop and of GAPT's phases, the MBE's share, the closed form."""
-    if "RANK" in os.environ or cfg["task"] == "forgetting" or cfg["compare"] or \
-            cfg["init_from"] != "scratch":
+    if cfg["task"] == "forgetting" or cfg["compare"] or cfg["init_from"] != "scratch":
         raise ConfigError("--bench times a fresh GPT in one process, no --init_from or --compare: "
                           "python experiments.py --bench [--task=text --model=...]")
     device, ctx, scaler, _ = gapt.setup_device(cfg)
@@ -474,8 +460,7 @@ def bench(cfg):
     B, T, P, D = cfg["batch_size"], cfg["block_size"], cfg["patch_size"], cfg["n_embd"]
     raw, optimizers = gapt.build(cfg, device)
     model, gpt = gapt.IBLM(raw, cfg["layers"], P), raw    # the GAPT steps' model, the plain step's
-    compiled = cfg["compile"] == "on"
-    if compiled:
+    if cfg["compile"] == "on":                          # setup_device resolved "auto"
         model, gpt = torch.compile(model), torch.compile(gpt)
     x, y = (torch.randint(cfg["vocab_size"], (B, T), device=device) for _ in range(2))
     lag, pending = int(cfg["read_lag"]), deque()
@@ -492,8 +477,7 @@ def bench(cfg):
             while len(pending) > lag:
                 gapt.host_values(pending.popleft())
 
-    syncs = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}
-    sync = syncs.get(device.type, lambda: None)
+    sync = getattr(torch, device.type).synchronize      # torch.cpu's does nothing
 
     def clock(fn, reps=1):   # seconds per call; a GPU's queue is drained at both ends only
         sync()
@@ -516,19 +500,18 @@ def bench(cfg):
     ratio = lambda a, b: float(np.median(np.divide(ts[a], ts[b])))   # noqa: E731
     with torch.no_grad(), ctx:                         # the MBE alone, on this model's outputs
         hs = [h.detach().requires_grad_() for h in raw(x)[2]]
-    with torch.no_grad():
-        watch = median(lambda: gapt.layer_mbe(hs, cfg["layers"], P))
-    learn = median(lambda: gapt.layer_mbe(hs, cfg["layers"], P).mean().backward())
     Z = torch.stack([hs[i].detach().reshape(-1, P, D) for i in cfg["layers"]])   # (L, B*T/P, P, D)
     with torch.no_grad():
+        watch = median(lambda: gapt.layer_mbe(hs, cfg["layers"], P))
         closed, eig = median(lambda: gapt.matrix_entropy(Z)), median(lambda: renyi_entropy(Z, 1.0))
+    learn = median(lambda: gapt.layer_mbe(hs, cfg["layers"], P).mean().backward())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    peak = next((f for s, f in PEAK_FLOPS if s in name), None) if name else None
+    peak = next((f for s, f in PEAK_FLOPS if s in name), None)
     n = raw.num_params() - raw.transformer.wpe.weight.numel()
     flops = 6 * n + 12 * cfg["n_layer"] * D * T         # per token, as nanoGPT's MFU counts them
     print(f"bench: GPT {cfg['n_layer']} layers x {D}, {raw.num_params():,} parameters, MBE on "
           f"layers {cfg['layers']} | {B} x {T} random tokens a step | {device} {cfg['dtype']} | "
-          f"compile {'on' if compiled else 'off'} | torch {torch.__version__}, "
+          f"compile {cfg['compile']} | torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads | median of {len(ts['plain PyTorch']) * k} steps")
     print(f"{'mode':<16}{'ms/step':>10}{'tok/s':>12}{'vs plain':>10}{'MFU':>8}")
     for m in modes:
@@ -552,7 +535,9 @@ def run(cfg):
     if not (cfg["bench"] or cfg["compare"] or cfg["task"] == "forgetting"):
         raise ConfigError("experiments.py runs --compare, --bench or --task=forgetting; "
                           "one run is python gapt.py")
-    return bench(cfg) if cfg["bench"] else compare(cfg) if cfg["compare"] else one_run(cfg)
+    if "RANK" in os.environ:   # the toy, the benchmark and each arm run in this one process
+        raise ConfigError("experiments.py runs in one process: launch it with python, not torchrun")
+    return bench(cfg) if cfg["bench"] else compare(cfg) if cfg["compare"] else forgetting(cfg)
 
 
 def parse_args(argv):
