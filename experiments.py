@@ -10,12 +10,21 @@ What runs or measures many gapt.py runs, as nanoGPT's bench.py sits beside its t
 Every gapt.py flag works here too, for each run. Sections: the forgetting toy, comparisons (runs,
 table, intervals, figures), the benchmark. It imports gapt.py and data.py, never the reverse.
 """
-import json
-import math
 import os
+import signal
+import sys
+
+if __name__ == "__main__":   # a signal while torch loads: one line (main() then installs its own)
+    for _sig, _code, _why in ((signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")):
+        signal.signal(_sig, lambda s, f, c=_code, w=_why: (sys.stderr.write(
+            f"stopped ({w}) while starting; nothing to resume\n"), os._exit(c)))
+
+import json   # noqa: E402 (after the handlers above)
+import math
 import shutil
+import tempfile
 import time
-from collections import deque
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -24,18 +33,23 @@ import torch.nn.functional as F
 
 import data
 import gapt
-from gapt import COMPRESS, MEMORIZE, ConfigError, TrainingError, read_log
+import report
+import runs
+from gapt import COMPRESS, MEMORIZE
+from report import cycle_stats   # noqa: F401 (still experiments.cycle_stats)
+from runs import ConfigError, TrainingError, read_log
 
 FLAGS = [
     "experiments.py",
     ("compare", "", "phase modes to run, e.g. memorize,gapt,compress, x --seeds: a table, figures"),
     ("seeds", 3, "seeds per arm for --compare (--seed, --seed+1, ...)"),
+    ("against", "", "--compare: arms each arm's difference is taken from (default: the first)"),
     ("fig", "", "--compare's figure (default out_dir/<task>.png; cycle.png beside it)"),
     ("bench", False, "time memorise and compress steps against a plain loop; train nothing"),
     ("bench_steps", 20, "--bench: timed steps per mode, after 3 warm-up steps"),
     ("forget_m", 0.8, "--task=forgetting: teachers A theta0 + m Delta, B theta0 - m Delta"),
 ]
-CHOICES = {**gapt.CHOICES, "task": ("arithmetic", "text", "forgetting")}
+DEFAULTS = {**gapt.DEFAULTS, **{c[0]: c[1] for c in FLAGS if isinstance(c, tuple)}}
 
 # -----------------------------------------------------------------------------
 # Catastrophic-forgetting toy (--task=forgetting): a student MLP learns task A, then task B
@@ -70,7 +84,8 @@ def fit_task(model, x, y, cfg, log, task, start):
     The learning rate is constant: a schedule across both tasks would learn B slower than A. The
     controller starts afresh: A's best loss, which B's early losses never beat, would make it
     compress after p_m steps with B unlearnt. Non-finite steps are skipped as in gapt.py."""
-    ctrl, phase = gapt.controller(cfg)
+    ctrl = gapt.controller(cfg)
+    phase = gapt.first_phase(cfg, ctrl)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["learning_rate"])   # no task-A moments in B
     n_compress = bad = 0
     for step in range(start + 1, start + cfg["max_iters"] + 1):
@@ -116,14 +131,15 @@ def forgetting(cfg):
         raise ConfigError("--task=forgetting trains a small MLP in seconds, from scratch (no "
                           "--init_from) on the CPU")
     n_in, n_hidden = 10, 50                          # the paper's teacher, and so the student
-    d = data.forgetting_data(cfg["seed"], n_in, n_hidden, cfg["forget_m"])
+    with np.errstate(all="ignore"):   # a huge --forget_m: the run's own one line, no warnings
+        d = data.forgetting_data(cfg["seed"], n_in, n_hidden, cfg["forget_m"])
     if len(d["xa"]) % cfg["patch_size"]:              # the test sets are as long
         raise ConfigError(f"--patch_size={cfg['patch_size']} must divide the toy's {len(d['xa'])} "
                           f"samples per task")
     torch.set_num_threads(1)   # matmuls this small only wait on each other in threads (20x slower)
     torch.manual_seed(cfg["seed"])
     model = Student(n_in, n_hidden)
-    log = gapt.open_run(cfg, True)
+    log = runs.open_run(cfg, True)
     log.print(f"forgetting toy: {n_in} -> {n_hidden} -> 1 student, {len(d['xa'])} samples per task,"
               f" {cfg['max_iters']} steps on A then on B, MBE over windows of {cfg['patch_size']}")
     step = fit_task(model, d["xa"], d["ya"], cfg, log, "A", 0)
@@ -143,18 +159,14 @@ def forgetting(cfg):
 # flags leave the data alone see the same data and initial weights per seed, so their
 # differences are paired by seed; arms that change the data (DATA) get Welch's interval.
 
-PANELS = {   # (logged metric, axis label): the panels of --compare's figure, per task
-    "arithmetic": (("id_acc", "ID exact match"), ("id_mbe", "ID MBE, regularised layers (nats)"),
-                   ("ood_ce", "OOD answer CE (nats)"), ("ood_conf", "OOD confidence (top p)")),
-    "text": (("val_ce", "val CE (nats/token)"), ("-val_ce", "val CE minus the first arm's"),
-             ("val_mbe_layers", "val MBE per layer (nats)")),
-    "forgetting": (("separation", "separation of A and B (held out)"),
-                   ("loss_A_after_B", "L1 loss on A after B (interference)"),
-                   ("mbe_A", "hidden MBE on A (nats)"))}
+FORGETTING_PANELS = (("separation", "separation of A and B (held out)"),   # as a Task's panels
+                     ("loss_A_after_B", "L1 loss on A after B (interference)"),
+                     ("mbe_A", "hidden MBE on A (nats)"))
 DATA = ("batch_size", "total_batch_size", "block_size", "digits_min", "digits_max", "n_eval",
         "ood_digits_min", "ood_digits_max", "reverse_answer", "arith_layout", "arith_loss",
         "data_dir", "val_tokens", "seed")   # flags that change what data a seed draws
-COMPARE_FILES = r"results\.json|config\.json|(arithmetic|text|forgetting|cycle)\.png|.*_seed\d+"
+SET_HERE = ("phase_mode", "init_from", "weights", "out_dir", "compare")   # by the comparison
+COMPARE_FILES = runs.RUN_FILES + r"|results\.json|.*\.png|.*_seed\d+"   # a run in out_dir too
 
 
 def parse_arms(spec):
@@ -163,51 +175,69 @@ def parse_arms(spec):
     arms, modes = {}, gapt.CHOICES["phase_mode"]
     for name in spec.split(","):
         mode, *flags = name.split(":")
+        keys = [f.partition("=")[0] for f in flags]
         if mode not in modes or name in arms:
             raise ConfigError(f"--compare={spec}: arms are phase modes ({', '.join(modes)}), each "
                               f"once, with flags after colons: gapt:tau=1")
+        if bad := next((k for k in keys if keys.count(k) > 1 or k in SET_HERE), None):
+            raise ConfigError(f"--compare={spec}: arm {name} gives {bad} " + (
+                "twice" if keys.count(bad) > 1 else "(the comparison sets it)"))
         given = gapt.parse_args([f"--{f}" for f in flags])
-        arms[name] = {**{k: given[k] for k in (f.partition("=")[0] for f in flags)},
-                      "phase_mode": mode}
+        arms[name] = {**{k: given[k] for k in keys}, "phase_mode": mode}
     return arms
+
+
+def check_outputs(cfg, arms, path):
+    """Before any arm trains: each arm's data (fresh), the figure's format, and that the figure's
+    folder takes a file."""
+    if cfg["init_from"] != "resume" and cfg["task"] != "forgetting":
+        for flags in arms.values():
+            gapt.make_data(gapt.resolve({**cfg, **flags}), 0, 1)
+    from matplotlib.backend_bases import FigureCanvasBase   # the formats savefig writes
+    if os.path.splitext(path)[1][1:].lower() not in FigureCanvasBase.get_supported_filetypes():
+        raise ConfigError(f"--fig={path}: name an image file: .png, .pdf, .svg, ...")
+    try:   # a file in the way, a read-only folder: found now, not after every arm has run
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tempfile.TemporaryFile(dir=os.path.dirname(path) or ".").close()
+    except OSError as e:
+        k = "fig" if cfg["fig"] else "out_dir"   # path is --fig's, or in out_dir
+        raise ConfigError(f"--{k}={runs.quoted(cfg[k])}: cannot write there "
+                          f"({e.strerror or e})") from None
 
 
 def compare(cfg):
     """Every arm x --seeds runs into out_dir/<arm>_seed<s>, then the table, the differences and the
     figures. Seeds outer: a stopped comparison has every arm for the seeds done. --init_from=resume
-    continues it; arms not started yet start as the others did, from its config.json."""
+    continues it; arms not started yet start as the others did, from its config.json, with the
+    flags given now."""
     arms = parse_arms(cfg["compare"])
-    saved, fresh = os.path.join(cfg["out_dir"], "config.json"), cfg["init_from"]
-    if fresh == "resume" and os.path.isfile(saved):   # the model, data and start of its arms
+    saved = os.path.join(cfg["out_dir"], "config.json")
+    fresh = "scratch" if cfg["init_from"] == "resume" else cfg["init_from"]   # or config.json's
+    if cfg["init_from"] == "resume" and os.path.isfile(saved):   # its model, data and start
         try:
             with open(saved) as f:
-                first = dict(json.load(f))
-        except (ValueError, TypeError):   # a torn write, stray bytes
+                first = json.load(f)
+        except ValueError:   # a torn write, stray bytes
             raise ConfigError(f"{saved} is damaged: delete it (the arms not begun then start "
                               f"from scratch)") from None
-        keep = {"data_dir": cfg["data_dir"]} if cfg["data_dir"] != gapt.DEFAULTS["data_dir"] else {}
-        cfg = {**cfg, **{k: first.get(k, gapt.DEFAULTS[k])
-                         for k in (*gapt.RESUMED, "weights", "data_dir")}, **keep}
+        first = gapt.check_saved(first, saved, choices())
+        cfg = runs.resume_config(cfg, first, DEFAULTS, (), saved)
+        cfg["weights"] = cfg["weights"] or first.get("weights", "")
         fresh = first.get("init_from", "scratch")
-    elif fresh == "resume":                           # a comparison from before config.json
-        fresh = "scratch"
-    elif cfg["task"] != "forgetting":                 # bad data input: one line, nothing moved
-        for flags in arms.values():
-            gapt.make_data(gapt.resolve({**cfg, **flags}), 0, 1)
     path = cfg["fig"] or os.path.join(cfg["out_dir"], cfg["task"] + ".png")
-    from matplotlib.backend_bases import FigureCanvasBase   # the formats savefig writes
-    if os.path.splitext(path)[1][1:].lower() not in FigureCanvasBase.get_supported_filetypes():
-        raise ConfigError(f"--fig={path}: name an image file: .png, .pdf, .svg, ...")
+    against = cfg["against"].split(",") if cfg["against"] else [next(iter(arms))]
+    if missing := [a for a in against if a not in arms]:
+        raise ConfigError(f"--against={cfg['against']}: {missing[0]} is not an arm of --compare")
+    check_outputs(cfg, arms, path)
     made = not os.path.isdir(cfg["out_dir"])
     try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        lock = gapt.lock_dir(cfg["out_dir"])          # held to the end
+        lock = runs.lock_dir(cfg["out_dir"])          # held to the end
         if cfg["init_from"] != "resume":   # a fresh comparison: no arm may resume an earlier one's
-            gapt.keep_earlier_run(cfg["out_dir"], COMPARE_FILES)
-            gapt.write_atomic(saved, json.dumps(cfg, indent=1).encode())
+            runs.keep_earlier_run(cfg["out_dir"], COMPARE_FILES)
+            runs.write_atomic(saved, json.dumps(cfg, indent=1).encode())
     except OSError as e:
-        flag = "fig" if e.filename and not e.filename.startswith(cfg["out_dir"]) else "out_dir"
-        raise ConfigError(f"--{flag}: cannot write {e.filename} ({e.strerror or e})") from None
+        raise ConfigError(f"--out_dir: cannot write {runs.quoted(e.filename)} "
+                          f"({e.strerror or e})") from None
     dirs = {arm: [] for arm in arms}
     for s in range(cfg["seeds"]):
         for arm, flags in arms.items():
@@ -223,28 +253,27 @@ def compare(cfg):
                     shutil.rmtree(cfg["out_dir"])
                 raise
             dirs[arm].append(out)
-    base = next(iter(arms))
-    unpaired = {a for a, f in arms.items() if any(f.get(k) != arms[base].get(k) for k in DATA)}
-    table = compare_table(dirs, unpaired)
-    for arm, flags in arms.items():
-        table[arm]["flags"] = flags
-    gapt.write_atomic(os.path.join(cfg["out_dir"], "results.json"), json.dumps(json.loads(
+    table = {a: {**row, "flags": arms[a]} for a, row in compare_table(dirs, arms, against).items()}
+    runs.write_atomic(os.path.join(cfg["out_dir"], "results.json"), json.dumps(json.loads(
         json.dumps(table), parse_constant=lambda c: None), indent=1).encode())   # null, not NaN
-    plot_compare(dirs, cfg, path)
+    figures(cfg, dirs, arms, path)
+
+
+def figures(cfg, dirs, arms, path):
+    """The comparison's figure (the task's panels), and beside it the phases of each gapt arm's
+    first seed and, where alignments were logged, the cycle figure."""
+    task, here, seed = cfg["task"], os.path.dirname(path), cfg["seed"]
+    gapts = [a for a in arms if arms[a]["phase_mode"] == "gapt"]
+    shaded = gapts and (gapts[0], read_log(dirs[gapts[0]][0], "train", "phase"))
+    report.plot_compare(path, {a: [read_log(o, "eval") for o in outs] for a, outs in dirs.items()},
+                        FORGETTING_PANELS if task == "forgetting" else gapt.TASKS[task].panels,
+                        task, shaded)
     print(f"figure: {path}\nresults: {os.path.join(cfg['out_dir'], 'results.json')}")
-    aligns = {(arm, s): [r["cos"] for r in read_log(out, "align", "cos")]
-              for arm, outs in dirs.items() for s, out in enumerate(outs)}
-    if any(aligns.values()):
-        plot_cycle(dirs, os.path.join(os.path.dirname(path), "cycle.png"), cfg["seed"])
-        print(f"figure: {os.path.join(os.path.dirname(path), 'cycle.png')}")
-        for (arm, s), cos in aligns.items():
-            print(f"cycle, {arm} seed {cfg['seed'] + s}: {cycle_stats(cos)}")
-
-
-def sd(v):
-    """Sample standard deviation over seeds (axis 0); 0 for a single seed."""
-    v = np.asarray(v, dtype=float)
-    return v.std(0, ddof=1) if len(v) > 1 else np.zeros(v.shape[1:])
+    if gapts and task != "forgetting":
+        report.plot_phases(os.path.join(here, "phases.png"), {a: read_log(
+            dirs[a][0], "train", "phase", "ce", "mbe") for a in gapts}, seed)
+    report.plot_cycle(os.path.join(here, "cycle.png"), {
+        arm: [read_log(o, "align", "cos") for o in outs] for arm, outs in dirs.items()}, seed)
 
 
 def t_quantile(p, df):
@@ -252,13 +281,11 @@ def t_quantile(p, df):
     finite sum in cos(theta)^2, theta = atan(t / sqrt(df)) (Abramowitz & Stegun 26.7.3-4)."""
     def central(t):   # P(|T| < t)
         th = math.atan(t / math.sqrt(df))
-        term, total = 1.0, 0.0
+        sin, cos, term, total = math.sin(th), math.cos(th), 1.0, 0.0
         for j in range(df // 2):
             total += term
-            term *= math.cos(th) ** 2 * (2 * j + 1 + df % 2) / (2 * j + 2 + df % 2)
-        if df % 2 == 0:
-            return math.sin(th) * total
-        return 2 / math.pi * (th + math.sin(th) * math.cos(th) * total)
+            term *= cos ** 2 * (2 * j + 1 + df % 2) / (2 * j + 2 + df % 2)
+        return sin * total if df % 2 == 0 else 2 / math.pi * (th + sin * cos * total)
     lo, hi = 0.0, 1.0
     while central(hi) < 2 * p - 1:
         lo, hi = hi, 2 * hi
@@ -282,156 +309,82 @@ def welch_diff(base, other, level=0.95):
     """mean(other) - mean(base) for runs that share no data, and Welch's t interval: half-width
     t * sqrt(va/na + vb/nb), with the Welch-Satterthwaite df rounded down (a little wider)."""
     a, b = np.asarray(base, dtype=float), np.asarray(other, dtype=float)
+    d = float(b.mean() - a.mean())
     if min(len(a), len(b)) < 2:
-        return {"diff": float(b.mean() - a.mean()), "ci95": None}
+        return {"diff": d, "ci95": None}
     va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
     df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if va + vb else 1
     half = t_quantile((1 + level) / 2, max(1, int(df))) * math.sqrt(va + vb)
-    d = float(b.mean() - a.mean())
     return {"diff": d, "ci95": [d - half, d + half]}
 
 
-def compare_table(dirs, unpaired=()):
-    """Each arm's final evals: mean and std over seeds, its share of steps compressing, and each
-    later arm's difference from the first (the baseline) under "vs_<baseline>", paired by seed
-    or, for the arms in unpaired, Welch's. Where the runs have an OOD test set, the same again at
-    each run's eval of lowest OOD answer CE (test_selected), also against the baseline's final."""
+def compare_table(dirs, arms=None, against=None):
+    """Each arm's final evals: mean and std over seeds, its share of steps compressing and its
+    completed memorise -> compress -> memorise cycles, and each other arm's difference from each
+    arm in against (default: the first) under "vs_<arm>", paired by seed where the two see the
+    same data (arms: {arm: flags}), else Welch's. Where the runs have an OOD test set, the same
+    again at each run's eval of lowest OOD answer CE (test_selected), also against the first
+    arm's final evals."""
+    arms, against = arms or {a: {} for a in dirs}, against or [next(iter(dirs))]
     evals = {a: [read_log(o, "eval") for o in outs] for a, outs in dirs.items()}
-    empty = [o for a, outs in dirs.items() for o, e in zip(outs, evals[a]) if not e]
-    if empty:   # its log.jsonl was deleted, say
+    if empty := [o for a, outs in dirs.items() for o, e in zip(outs, evals[a]) if not e]:
         raise TrainingError(f"{empty[0]}/log.jsonl holds no eval: delete that folder and resume")
-    final = {a: [dict(e[-1], compressing=np.mean([r["phase"] == COMPRESS for r in read_log(
-        o, "train", "phase")] or [0])) for o, e in zip(dirs[a], es)] for a, es in evals.items()}
-    table = summarize(final, final, unpaired, "final")   # compressing: a share of the steps
+    final = {a: [{**e[-1], **report.phase_shares(read_log(o, "train", "phase"))}
+                 for o, e in zip(dirs[a], es)] for a, es in evals.items()}
+    table = summarize(final, final, arms, against, "final")
     for arm in (a for a in dirs if a.startswith("gapt")):
         if not any(f["compressing"] for f in final[arm]):
             print(f"{arm} never compressed: its intervals compare the baseline with itself")
     if all("ood_ce" in e for es in evals.values() for run in es for e in run):
         best = {a: [min(run, key=lambda e: e["ood_ce"]) for run in es] for a, es in evals.items()}
-        at = sorted({e["step"] for runs in best.values() for e in runs})
+        at = sorted({e["step"] for runs_ in best.values() for e in runs_})
         print(f"\nSelected on the test set: each run at its eval of lowest OOD answer CE (steps "
               f"{at[0]}-{at[-1]}), as early stopping on it reports; optimistic by construction")
-        picked = summarize(best, best, unpaired, "selected")
-        vs_final = summarize(best, final, unpaired, "selected", "the baseline's final", rows=False)
+        picked = summarize(best, best, arms, against[:1], "selected")
+        vs_final = summarize(best, final, arms, against[:1], "selected", "the baseline's final",
+                             rows=False)
         for arm in table:
             table[arm]["test_selected"] = picked[arm]
-            table[arm]["test_selected_vs_final"] = vs_final[arm].get(f"vs_{next(iter(dirs))}")
+            table[arm]["test_selected_vs_final"] = vs_final[arm].get(f"vs_{against[0]}")
     return table
 
 
-def summarize(runs, base_runs, unpaired, what, against=None, rows=True):
-    """Print runs' metrics (mean +- std per arm) and each later arm's difference from the first
-    arm's base_runs (markdown); return them as {arm: {metric: (mean, std), "vs_<base>": ...}}."""
-    base = next(iter(runs))
-    keys = [k for k, v in runs[base][0].items() if isinstance(v, float) and all(
-        isinstance(f.get(k), (int, float)) for fs in (*runs.values(), base_runs[base]) for f in fs)]
-    vals = {arm: {k: [f[k] for f in fs] for k in keys} for arm, fs in runs.items()}
-    table = {arm: {k: (float(np.mean(v)), float(sd(v))) for k, v in row.items()}
+def summarize(runs_, base_runs, arms, against, what, label=None, rows=True):
+    """Print runs' metrics (mean +- std per arm) and each arm's difference from each arm in
+    against, taken on base_runs (markdown); return them as {arm: {metric: (mean, std),
+    "vs_<base>": ...}}."""
+    first = next(iter(runs_))
+    keys = [k for k, v in runs_[first][0].items() if isinstance(v, float) and all(
+        isinstance(f.get(k), (int, float)) for fs in (*runs_.values(), *base_runs.values())
+        for f in fs)]
+    vals = {arm: {k: [f[k] for f in fs] for k in keys} for arm, fs in runs_.items()}
+    table = {arm: {k: (float(np.mean(v)), float(report.sd(v))) for k, v in row.items()}
              for arm, row in vals.items()}
     head = " | ".join(keys) + " |\n" + "|---" * (len(keys) + 1) + "|"
     if rows:
-        print(f"\n| arm (n={len(runs[base])}), {what} | {head}")
+        print(f"\n| arm (n={len(runs_[first])}), {what} | {head}")
         for arm, row in table.items():
             print(f"| {arm} | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in row.values()) + " |")
-    if len(runs) > 1:
-        print(f"\n| arm, {what} - {base}, {against or what}: mean [95% t interval] | {head}")
-    for arm in list(runs)[1:]:
-        diff = welch_diff if arm in unpaired else paired_diff
-        diffs = {k: diff([f[k] for f in base_runs[base]], vals[arm][k]) for k in keys}
-        table[arm]["vs_" + base] = diffs
-        lohi = [d["ci95"] or (math.nan, math.nan) for d in diffs.values()]   # nan: a single seed
-        print(f"| {arm} ({'Welch' if arm in unpaired else 'paired'}) | " + " | ".join(
-            f"{d['diff']:+.4f} [{lo:+.4f}, {hi:+.4f}]" for d, (lo, hi) in zip(diffs.values(), lohi))
-            + " |")
+    for base in against:
+        if len(runs_) > 1:
+            print(f"\n| arm, {what} - {base}, {label or what}: mean [95% t interval] | {head}")
+        for arm in (a for a in runs_ if a != base):
+            same = all(arms[arm].get(k) == arms[base].get(k) for k in DATA)   # the same data
+            diffs = {k: (paired_diff if same else welch_diff)(
+                [f[k] for f in base_runs[base]], vals[arm][k]) for k in keys}
+            table[arm]["vs_" + base] = diffs
+            lohi = [d["ci95"] or (math.nan, math.nan) for d in diffs.values()]   # nan: one seed
+            print(f"| {arm} ({'paired' if same else 'Welch'}) | " + " | ".join(
+                f"{d['diff']:+.4f} [{lo:+.4f}, {hi:+.4f}]" for d, (lo, hi) in
+                zip(diffs.values(), lohi)) + " |")
     return table
 
-
-def cycle_stats(cos):
-    """How the gradient alignment behaves over a run: a slow cycle shows as few sign changes and
-    a lag-1 autocorrelation near 1; step-to-step noise as many changes and one near 0."""
-    c = np.asarray(cos, dtype=float)
-    if len(c) < 3:
-        return f"{len(c)} measurements, too few (lower --align_interval)"
-    changes = int(((c[1:] > 0) != (c[:-1] > 0)).sum())
-    lag1 = np.corrcoef(c[:-1], c[1:])[0, 1]
-    return (f"cos > 0 in {(c > 0).mean():.0%} of {len(c)} measurements, {changes} sign changes, "
-            f"lag-1 autocorrelation {lag1:.2f}")
-
-
-def plot_cycle(dirs, path, seed):
-    """The paper's cycle observation: cos(grad CE, grad M) against step, per seed, per arm."""
-    plt = gapt.pyplot()
-    fig, axes = plt.subplots(1, len(dirs), figsize=(5 * len(dirs), 3.6), squeeze=False, sharey=True)
-    for ax, (arm, outs) in zip(axes[0], dirs.items()):
-        for s, out in enumerate(outs):
-            recs = read_log(out, "align", "cos")
-            ax.plot([r["step"] for r in recs], [r["cos"] for r in recs], lw=0.9,
-                    label=f"seed {seed + s}")
-        ax.axhline(0, color="k", lw=0.6)
-        ax.set_title(arm)
-        ax.set_xlabel("optimizer step")
-        ax.legend(fontsize=7, ncol=2)
-    axes[0][0].set_ylabel("cos(grad CE, grad MBE)")
-    fig.suptitle("Alignment of the CE and MBE gradients: "
-                 "above 0 memorising also compresses, below 0 they conflict")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_compare(dirs, cfg, path):
-    """One panel per metric of the task (PANELS): curves over steps with their std band (a metric
-    written -key: its difference from the first arm, seed by seed), the final per-layer values as
-    bars, or, where each run has a single eval (the toy), a bar per arm. One legend below."""
-    plt, panels = gapt.pyplot(), PANELS[cfg["task"]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8), squeeze=False)
-    evals = {arm: [read_log(o, "eval") for o in outs] for arm, outs in dirs.items()}
-    shade = next((a for a in dirs if a.startswith("gapt")), None)   # its seed 0's compression
-    for ax, (key, label) in zip(axes[0], panels):
-        for i, (arm, runs) in enumerate(evals.items()):
-            if key.endswith("_layers"):            # bars: one group of layers per arm
-                v = np.array([e[-1][key] for e in runs])
-                x = np.arange(v.shape[1]) + (i - (len(dirs) - 1) / 2) * 0.8 / len(dirs)
-                ax.bar(x, v.mean(0), 0.8 / len(dirs), yerr=sd(v), color=f"C{i}", label=arm)
-                ax.set_xlabel("layer")
-                continue
-            k, n = key.lstrip("-"), min(len(r) for rs in evals.values() for r in rs)
-            v = np.array([[e[k] for e in r[-n:]] for r in runs])          # (seeds, evals)
-            if key.startswith("-"):
-                v = v - np.array([[e[k] for e in r[-n:]] for r in next(iter(evals.values()))])
-            if n == 1:                             # one value per run: a bar per arm
-                ax.bar(i, v.mean(), yerr=sd(v[:, 0]), color=f"C{i}", label=arm)
-                ax.set_xticks([])
-            else:                                  # curves: mean and std over seeds
-                steps, m, s = [e["step"] for e in runs[0][-n:]], v.mean(0), sd(v)
-                ax.plot(steps, m, color=f"C{i}", label=arm)
-                ax.fill_between(steps, m - s, m + s, color=f"C{i}", alpha=0.2)
-                ax.set_xlabel("optimizer step")
-        if shade and ax.get_xlabel() == "optimizer step":
-            recs = read_log(dirs[shade][0], "train", "phase")
-            for a, b in gapt.phase_spans([r["step"] for r in recs], [r["phase"] for r in recs]):
-                ax.axvspan(a, max(b, a + len(recs) / 250), color="grey", alpha=0.25, lw=0)
-        ax.set_ylabel(label)
-    n = len(next(iter(dirs.values())))
-    what = f" (grey: {shade}, seed {cfg['seed']}, compressing)" if shade and any(
-        ax.get_xlabel() == "optimizer step" for ax in axes[0]) else ""
-    fig.suptitle(f"{cfg['task']}: mean ± std over {n} seeds{what}")
-    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=len(dirs))
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 # -----------------------------------------------------------------------------
 # Benchmark (--bench): what compression costs on top of language modelling. The modes take
 # turns on one model and one batch of random tokens of the task's vocabulary and context (no
 # data loading, one micro-batch a step), so machine noise hits them alike; ratios are medians
 # of the ratios within each turn.
-
-# peak dense bf16 FLOP/s (datasheets, no sparsity) by a substring of the GPU's name: first match
-PEAK_FLOPS = (("GB200", 2500e12), ("B200", 2250e12), ("H200 NVL", 836e12), ("H200", 989e12),
-              ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12),
-              ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("RTX 4090", 165e12),
-              ("RTX 3090", 71e12))
 
 
 def renyi_entropy(Z, alpha):
@@ -440,13 +393,11 @@ def renyi_entropy(Z, alpha):
     G = Z.float() @ Z.float().transpose(-1, -2)
     tr, N = G.diagonal(dim1=-2, dim2=-1).sum(-1), G.shape[-1]
     ok = G.square().sum((-2, -1)) != 0                 # Z = 0 (or underflow): 0; NaN stays NaN
-    eye = torch.eye(N, dtype=G.dtype, device=G.device) # Z = 0 is swapped for I: no NaN gradients
+    eye = torch.eye(N, dtype=G.dtype, device=G.device)  # Z = 0 is swapped for I: no NaN gradients
     A = torch.where(ok[..., None, None], G, eye) / torch.where(ok, tr, N)[..., None, None]
     lam = torch.linalg.eigvalsh(A).clamp(min=0)        # (..., N): a probability distribution
-    if alpha == 1:
-        S = -(lam * torch.log(torch.where(lam > 0, lam, 1.0))).sum(-1)   # 0 log 0 = 0
-    else:
-        S = torch.log(lam.pow(alpha).sum(-1)) / (1 - alpha)
+    S = (-(lam * torch.log(torch.where(lam > 0, lam, 1.0))).sum(-1) if alpha == 1   # 0 log 0 = 0
+         else torch.log(lam.pow(alpha).sum(-1)) / (1 - alpha))
     return torch.where(ok, S, 0.0).clamp(0.0, math.log(N))
 
 
@@ -463,7 +414,7 @@ def bench(cfg):
     if cfg["compile"] == "on":                          # setup_device resolved "auto"
         model, gpt = torch.compile(model), torch.compile(gpt)
     x, y = (torch.randint(cfg["vocab_size"], (B, T), device=device) for _ in range(2))
-    lag, pending = int(cfg["read_lag"]), deque()
+    lag = gapt.ReadLag(int(cfg["read_lag"]))
 
     def train_step(phase):   # train()'s step, one micro-batch; phase 0: a plain loop, CE only
         zero = torch.zeros((), device=device)
@@ -473,9 +424,7 @@ def bench(cfg):
         stats = torch.stack([ce.detach().float(), M.detach(), zero + phase])
         stats = gapt.update(raw, optimizers, scaler, cfg, stats)
         if phase:                                   # the host reads CE and M lag steps later
-            pending.append(gapt.host_copy(stats))
-            while len(pending) > lag:
-                gapt.host_values(pending.popleft())
+            list(lag.ready(SimpleNamespace(phase=phase, numbers=stats)))
 
     sync = getattr(torch, device.type).synchronize      # torch.cpu's does nothing
 
@@ -496,8 +445,6 @@ def bench(cfg):
     for i in range(-(-cfg["bench_steps"] // k)):       # the modes take turns, in rotating order
         for m in names[i % 3:] + names[:i % 3]:
             ts[m].append(clock(lambda: train_step(modes[m]), k))
-    step = {m: float(np.median(t)) for m, t in ts.items()}
-    ratio = lambda a, b: float(np.median(np.divide(ts[a], ts[b])))   # noqa: E731
     with torch.no_grad(), ctx:                         # the MBE alone, on this model's outputs
         hs = [h.detach().requires_grad_() for h in raw(x)[2]]
     Z = torch.stack([hs[i].detach().reshape(-1, P, D) for i in cfg["layers"]])   # (L, B*T/P, P, D)
@@ -505,28 +452,10 @@ def bench(cfg):
         watch = median(lambda: gapt.layer_mbe(hs, cfg["layers"], P))
         closed, eig = median(lambda: gapt.matrix_entropy(Z)), median(lambda: renyi_entropy(Z, 1.0))
     learn = median(lambda: gapt.layer_mbe(hs, cfg["layers"], P).mean().backward())
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    peak = next((f for s, f in PEAK_FLOPS if s in name), None)
     n = raw.num_params() - raw.transformer.wpe.weight.numel()
     flops = 6 * n + 12 * cfg["n_layer"] * D * T         # per token, as nanoGPT's MFU counts them
-    print(f"bench: GPT {cfg['n_layer']} layers x {D}, {raw.num_params():,} parameters, MBE on "
-          f"layers {cfg['layers']} | {B} x {T} random tokens a step | {device} {cfg['dtype']} | "
-          f"compile {cfg['compile']} | torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads | median of {len(ts['plain PyTorch']) * k} steps")
-    print(f"{'mode':<16}{'ms/step':>10}{'tok/s':>12}{'vs plain':>10}{'MFU':>8}")
-    for m in modes:
-        mfu = f"{flops * B * T / step[m] / peak:.1%}" if peak else "-"
-        print(f"{m:<16}{1000 * step[m]:>10.2f}{B * T / step[m]:>12,.0f}"
-              f"{ratio(m, 'plain PyTorch'):>9.3f}x{mfu:>8}")
-    print(f"compress / memorise {ratio('gapt compress', 'gapt memorise'):.3f}x | "
-          f"host read lag {lag} step(s)")
-    print(f"MBE share of a step: memorise {watch / step['gapt memorise']:.2%} (no grad) | "
-          f"compress {learn / step['gapt compress']:.2%} (forward and backward)")
-    print(f"alpha=2 closed form vs eigenvalue path (alpha=1) on {tuple(Z.shape)} windows: "
-          f"{1e3 * closed:.3f} vs {1e3 * eig:.3f} ms, {eig / closed:.1f}x")
-    print(f"GPU: {name}, MFU vs {peak / 1e12:.0f} TFLOP/s dense bf16" if peak else
-          f"GPU: {name}, peak FLOP/s unknown, no MFU" if name else
-          "GPU: none (MFU needs a CUDA device)")
+    report.bench_table(cfg, device, ts, k, lag.lag, raw.num_params(), flops, (watch, learn),
+                       (closed, eig, tuple(Z.shape)))
 
 # -----------------------------------------------------------------------------
 
@@ -540,8 +469,12 @@ def run(cfg):
     return bench(cfg) if cfg["bench"] else compare(cfg) if cfg["compare"] else forgetting(cfg)
 
 
+def choices():   # gapt.py's, and the toy: read when parsing, so that a task added to TASKS is one
+    return {**gapt.CHOICES, "task": (*gapt.TASKS, "forgetting")}
+
+
 def parse_args(argv):
-    return gapt.parse_args(argv, FLAGS + gapt.CONFIG, CHOICES, __doc__)
+    return gapt.parse_args(argv, FLAGS + gapt.CONFIG, choices(), __doc__)
 
 
 def main(argv=None):   # gapt.py's: the same one-line errors, exit codes and resume line
@@ -549,4 +482,4 @@ def main(argv=None):   # gapt.py's: the same one-line errors, exit codes and res
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -13,44 +13,42 @@ arXiv 2505.08727 (2025).
     torchrun --nnodes=2 --node_rank=0 --rdzv_endpoint=HOST:29500 --nproc_per_node=8 gapt.py ...
     python gapt.py --optimizer=muon                  # Muon for the blocks' matrices
     python gapt.py --task=text --init_from=gpt2      # GAPT on GPT-2's pretrained weights
-    python gapt.py --init_from=resume                # go on from out_dir's checkpoint
+    python gapt.py --init_from=resume                # go on with out_dir's run
     python gapt.py --help                            # every flag, its default and meaning
 
-Read top to bottom: config -> model -> MBE -> IBLM -> GAPT -> tasks -> the training loop, then
-where a run starts and ends: GPT-2's weights, checkpoints, the run folder, the summary.
-experiments.py runs many of these (comparisons over seeds), the forgetting toy and a benchmark.
-Importing this file has no side effects; everything runs under __main__.
+Read top to bottom: config -> model -> MBE -> IBLM -> GAPT -> tasks -> the training loop, whose
+step in train() is Algorithm 1. Beside it: sample.py (prompts to a checkpoint), experiments.py
+(comparisons, the forgetting toy, a benchmark), runs.py (the run folder, checkpoints, resume),
+report.py (the summary, figures, the last line). Importing this file has no side effects.
 """
-import argparse
-import datetime
-import fcntl
-import glob
-import hashlib
-import io
-import json
-import math
 import os
-import random
-import re
-import shlex
 import signal
 import sys
+
+if __name__ == "__main__":   # a signal while torch loads: one line (main() then installs its own)
+    for _sig, _code, _why in ((signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")):
+        signal.signal(_sig, lambda s, f, c=_code, w=_why: (sys.stderr.write(
+            f"stopped ({w}) while starting; nothing to resume\n"), os._exit(c)))
+
+import datetime   # noqa: E402 (after the handlers above)
+import math
+import re
+import shlex
 import time
-import warnings
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable
 
-try:
-    import numpy as np
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-    import data
-except KeyboardInterrupt:   # Ctrl-C while torch loads, the first second: one line, no traceback
-    sys.stderr.write("stopped (Ctrl-C) while starting; nothing to resume\n")
-    sys.exit(130)
+import data
+import report
+import runs
+from runs import ConfigError, TrainingError
 
 # -----------------------------------------------------------------------------
 # Config: flat defaults, each with its meaning. Override with --key=value (or --key value).
@@ -59,8 +57,8 @@ CONFIG = [
     "what to run",
     ("task", "arithmetic", "arithmetic (built in) | text (token shards made by data.py)"),
     ("phase_mode", "gapt", "gapt (switch) | memorize (CE only: baseline) | compress (CE + MBE)"),
-    ("out_dir", "out", "log.jsonl, config.json, ckpt.pt and curves.png go here"),
-    ("init_from", "scratch", "scratch | resume (out_dir/ckpt.pt) | gpt2[-medium|-large|-xl]"),
+    ("out_dir", "out", "log.jsonl, config.json, ckpt.pt, best.pt and curves.png go here"),
+    ("init_from", "scratch", "scratch | resume (out_dir's run) | gpt2[-medium|-large|-xl]"),
     ("weights", "", "--init_from=gpt2*: model.safetensors or pytorch_model.bin (none: download)"),
     ("seed", 1337, "seeds the model init, the data stream and dropout"),
     ("device", "auto", "auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps"),
@@ -85,6 +83,8 @@ CONFIG = [
     ("delta_ce", 0.01, "CE improvement (nats) that resets the memorisation patience"),
     ("delta_mbe", 0.002, "MBE improvement (nats) that resets the compression patience"),
     ("tau", 0.1, "CE spike: compression ends when CE > (1 + tau) * its best in the phase"),
+    ("gapt_ema", 0.0, "a variant, not the paper's: the controller sees EMAs of CE and M with this "
+                      "decay, as clean as a far larger batch (0 = each step's, Algorithm 1)"),
     "arithmetic task",
     ("digits_min", 1, "smallest operand digit count in training (paper: 1)"),
     ("digits_max", 2, "largest operand digit count in training (paper: 3)"),
@@ -97,7 +97,7 @@ CONFIG = [
     "text task",
     ("data_dir", "data/fineweb10B", "folder of *_train_*.bin and *_val_*.bin shards (data.py)"),
     ("val_tokens", 65536, "fixed validation budget: the same val tokens at every eval"),
-    ("tokenizer_file", "", "a GPT-2 .tiktoken file, for offline machines ($GAPT_TOKENIZER_FILE)"),
+    ("tokenizer_file", "", "a GPT-2 .tiktoken file (default: the corpus's, from data.py)"),
     "optimisation",
     ("batch_size", 64, "micro-batch size in sequences, per process"),
     ("total_batch_size", 0, "tokens per optimizer step, all processes (0 = one micro-batch each)"),
@@ -117,99 +117,18 @@ CONFIG = [
     ("log_interval", 50, "steps between printed lines (every step goes to log.jsonl)"),
     ("align_interval", 0, "every K steps log cos(grad CE, grad MBE) (0 = off)"),
     ("max_bad_steps", 3, "stop after this many steps in a row with a non-finite loss or gradient"),
-    "sampling from out_dir's checkpoint (python gapt.py --sample='7 x 8' or --sample='Once')",
-    ("sample", "", "a prompt to continue, then exit: text, or a problem like '7 x 8'"),
-    ("num_samples", 3, "--sample: how many continuations (with --temperature > 0)"),
-    ("temperature", 0.0, "--sample: 0 = greedy (the argmax), else softmax(logits / temperature)"),
 ]
 DEFAULTS = {c[0]: c[1] for c in CONFIG if isinstance(c, tuple)}   # a string heads a group of flags
-CHOICES = {"task": ("arithmetic", "text"), "phase_mode": ("gapt", "memorize", "compress"),
+CHOICES = {"phase_mode": ("gapt", "memorize", "compress"),        # --task: the keys of TASKS
            "init_from": ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"),
            "dtype": ("auto", "float32", "bfloat16", "float16"),
            "compile": ("auto", "on", "off"), "read_lag": ("auto", "0", "1"),
            "model": ("tiny", "small", "gpt2"), "optimizer": ("adamw", "muon"),
            "arith_layout": ("padded", "packed"), "arith_loss": ("answer", "all")}
 PRESETS = {"tiny": (4, 4, 128), "small": (6, 6, 384), "gpt2": (12, 12, 768)}
-# flags of experiments.py, which runs many of these runs: gapt.py names the command to use instead
-EXPERIMENTS = ("--compare", "--seeds", "--fig", "--bench", "--task=forgetting", "--forget_m")
-
-
-class ConfigError(ValueError):
-    """Bad input from the user: one line, exit code 2, nothing written."""
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on (e.g. persistent NaNs): one line, exit code 1."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):   # one line, not argparse's usage block
-        raise ConfigError(message.removeprefix("argument "))
-
-
-def boolean(text):   # --flag=yes|no, true|false, on|off, 1|0
-    if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        raise ValueError(text)
-    return text.lower() in ("1", "true", "yes", "on")
-
-
-def parse_args(argv, table=CONFIG, choices=CHOICES, doc=__doc__):
-    """Flags -> the config dict, checked. experiments.py passes its flags + CONFIG as table."""
-    if table is CONFIG and (moved := [a for a in argv if a.startswith(EXPERIMENTS)]):
-        raise ConfigError(f"{moved[0]} runs in experiments.py: python experiments.py "
-                          f"{shlex.join(argv)}")
-    p = Parser(usage=argparse.SUPPRESS, description=doc, allow_abbrev=False,   # docstring first
-               formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(
-                   prog, max_help_position=28, width=100))
-    for c in table:
-        if isinstance(c, str):
-            group = p.add_argument_group(c)
-            continue
-        key, default, text = c
-        bare = dict(nargs="?", const=True) if type(default) is bool else {}   # --flag sets it
-        kind = boolean if type(default) is bool else type(default)   # an int is a float too
-        group.add_argument(f"--{key}", type=kind, default=default, choices=choices.get(key), **bare,
-                           metavar=None if key in choices else type(default).__name__.upper(),
-                           help=f"{text} (default: {default})".replace("%", "%%"))
-    args, rest = p.parse_known_args(argv)
-    if rest:
-        raise ConfigError(f"unknown flag {rest[0].partition('=')[0]} (see --help)"
-                          if rest[0].startswith("-") else
-                          f"unexpected argument '{rest[0]}': use --key=value (see --help)")
-    return validate(vars(args))
-
-
-def validate(cfg):
-    """Reject values that would fail later, or silently do the wrong thing."""
-    positive = ("p_m", "p_c", "batch_size", "max_iters", "patch_size", "n_eval", "log_interval",
-                "max_bad_steps", "val_tokens", "dist_timeout", "num_samples", "seeds",
-                "bench_steps")
-    for key, v in cfg.items():   # every number is finite and >= 0, these > 0
-        number = type(v) in (int, float)
-        if number and not (math.isfinite(v) and (v > 0 or v == 0 and key not in positive)):
-            raise ConfigError(f"--{key}={v}: must be " + ("positive" if key in positive else
-                                                          ">= 0") + " and finite")
-    for key in ("beta1", "beta2", "dropout"):
-        if cfg[key] >= 1:
-            raise ConfigError(f"--{key}={cfg[key]}: must be in [0, 1)")
-    digits = (cfg["digits_min"], cfg["digits_max"], cfg["ood_digits_min"], cfg["ood_digits_max"])
-    for bad, message in (
-            (not cfg["out_dir"].strip(), "--out_dir is empty: name a folder for the run"),
-            (not 0 < cfg["learning_rate"] <= 1e30 or cfg["min_lr"] > 1e30,   # Adam overflows
-             f"--learning_rate={cfg['learning_rate']} (--min_lr={cfg['min_lr']}): must be in "
-             f"(0, 1e30]"),
-            (not 0 < cfg["muon_lr"] <= 1e30, f"--muon_lr={cfg['muon_lr']}: must be in (0, 1e30]"),
-            (cfg["seed"] + cfg.get("seeds", 1) > 2**63,       # torch and numpy seeds are 64-bit
-             f"--seed={cfg['seed']}: must be below 2**63 (less --seeds)"),
-            (cfg["dist_timeout"] > 10**9, f"--dist_timeout={cfg['dist_timeout']}: at most 10**9 s"),
-            (cfg["weights"] and not cfg["init_from"].startswith("gpt2"),
-             f"--weights is read by --init_from=gpt2*, not --init_from={cfg['init_from']}"),
-            (not 1 <= digits[0] <= digits[1] < digits[2] <= digits[3] <= 9,   # OOD: larger
-             "digit ranges need 1 <= --digits_min <= --digits_max < --ood_digits_min <= "
-             "--ood_digits_max <= 9")):
-        if bad:
-            raise ConfigError(message)
-    return cfg
+# flags of the scripts beside this one: gapt.py names the command to use instead
+ELSEWHERE = {"experiments.py": ("--compare", "--seeds", "--fig", "--bench", "--task=forgetting",
+                                "--forget_m"), "sample.py": ("--sample",)}
 
 
 def resolve(cfg):
@@ -244,9 +163,9 @@ def mbe_layer_ids(spec, n_layer):
     return ids
 
 # -----------------------------------------------------------------------------
-# Model: GPT-2 as in nanoGPT. Parameter names follow Hugging Face's GPT-2, so its
-# weights load by name (--init_from=gpt2, load_gpt2 below); the forward pass also returns
-# the residual stream after every block, the representations whose entropy GAPT compresses.
+# Model: GPT-2 as in nanoGPT. Parameter names follow Hugging Face's GPT-2, so its weights load by
+# name (--init_from=gpt2: fit_gpt2 below); the forward pass also returns the residual stream after
+# every block, the representations whose entropy GAPT compresses.
 
 
 @dataclass
@@ -350,6 +269,44 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())   # tied weights are counted once
 
+    @torch.no_grad()
+    def generate(self, idx, n_new, temperature=0.0, top_k=0, stop=None):
+        """idx (B, T) and up to n_new tokens more: the argmax at temperature 0, else drawn from
+        softmax(logits / temperature) over the top_k (0: all); done once each row holds stop."""
+        self.eval()
+        for _ in range(n_new):
+            logits = self(idx[:, -self.config.block_size:])[0][:, -1].float()   # (B, vocab)
+            if top_k:
+                kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
+                logits[logits < kth] = float("-inf")
+            logits = (logits - logits.max(-1, keepdim=True).values).double()   # any temperature > 0
+            nxt = (logits.argmax(-1, keepdim=True) if temperature == 0 else
+                   torch.multinomial(F.softmax(logits / temperature, -1), 1))
+            idx = torch.cat([idx, nxt], dim=1)
+            if stop is not None and (idx == stop).any(1).all():
+                break
+        return idx
+
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def fit_gpt2(model, sd):
+    """Load GPT-2's state dict (runs.read_gpt2) into model by name: Hugging Face's Conv1D weights
+    transposed to Linear's, wte padded with zero rows to the model's vocabulary (their logits are
+    masked, GPTConfig.vocab_real), wpe cut to its context. Returns the model."""
+    c, wte = model.config, sd["wte.weight"]
+    sd = {("transformer." + k): (v.t() if k.endswith(CONV1D) else v) for k, v in sd.items()}
+    wte = F.pad(wte, (0, 0, 0, c.vocab_size - len(wte)))   # (vocab_size, n_embd), zero rows last
+    sd["transformer.wte.weight"] = sd["lm_head.weight"] = wte
+    sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"][: c.block_size]
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:   # a missing, extra or misshapen tensor
+        raise ConfigError(f"--init_from: the weights do not fit this GPT "
+                          f"({str(e).splitlines()[-1].strip()[:80]})") from None
+    return model
+
 # -----------------------------------------------------------------------------
 # Matrix-based entropy (MBE). For N token representations Z (N, D) the Gram
 # matrix G = Z Z^T, normalised to unit trace, A = G / tr(G), has eigenvalues
@@ -424,16 +381,24 @@ PHASES = {MEMORIZE: "memorise", COMPRESS: "compress"}
 
 
 class GAPT:
-    def __init__(self, delta_ce=0.01, delta_mbe=0.002, tau=0.1, p_m=100, p_c=50):
+    SETTINGS = ("delta_ce", "delta_mbe", "tau", "p_m", "p_c", "ema", "why")   # not state
+
+    def __init__(self, delta_ce=0.01, delta_mbe=0.002, tau=0.1, p_m=100, p_c=50, ema=0.0):
         self.delta_ce, self.delta_mbe, self.tau = delta_ce, delta_mbe, tau
-        self.p_m, self.p_c = p_m, p_c
+        self.p_m, self.p_c, self.ema = p_m, p_c, ema
         self.phase, self.s_m, self.s_c = MEMORIZE, 0, 0
         self.E_min, self.M_min = math.inf, math.inf   # best CE and MBE seen (reset to compress)
-        self.why = None                                # what ended the last phase, and the numbers
+        self.ce_avg = self.mbe_avg = None             # the variant's EMAs (ema > 0)
+        self.why = None                               # what ended the last phase, and the numbers
 
     def step(self, ce, mbe):
         """Feed one optimizer step's training CE and compression target M;
         returns the phase for the next optimizer step."""
+        if self.ema:   # the variant: moving averages, as quiet as a larger batch's CE
+            a = self.ema
+            self.ce_avg = ce if self.ce_avg is None else a * self.ce_avg + (1 - a) * ce
+            self.mbe_avg = mbe if self.mbe_avg is None else a * self.mbe_avg + (1 - a) * mbe
+            ce, mbe = self.ce_avg, self.mbe_avg
         improved_ce = self.E_min - ce > self.delta_ce
         spike = ce > (1 + self.tau) * self.E_min
         self.E_min = min(self.E_min, ce)
@@ -453,8 +418,8 @@ class GAPT:
                 self.phase, self.s_m = MEMORIZE, 0
         return self.phase
 
-    def state_dict(self):
-        return {k: getattr(self, k) for k in ("phase", "s_m", "s_c", "E_min", "M_min")}
+    def state_dict(self):   # every attribute but the settings: a new field resumes by itself
+        return {k: v for k, v in vars(self).items() if k not in self.SETTINGS}
 
     def load_state_dict(self, sd):
         for k, v in sd.items():
@@ -462,16 +427,33 @@ class GAPT:
 
 
 def controller(cfg):
-    """GAPT with cfg's thresholds, and the first phase: the controller's under --phase_mode=gapt,
-    fixed under memorize (the CE-only baseline) and compress (the static regulariser)."""
-    c = GAPT(cfg["delta_ce"], cfg["delta_mbe"], cfg["tau"], cfg["p_m"], cfg["p_c"])
-    return c, {"gapt": c.phase, "memorize": MEMORIZE, "compress": COMPRESS}[cfg["phase_mode"]]
+    """GAPT with cfg's thresholds."""
+    return GAPT(cfg["delta_ce"], cfg["delta_mbe"], cfg["tau"], cfg["p_m"], cfg["p_c"],
+                cfg["gapt_ema"])
 
+
+def first_phase(cfg, ctrl):   # memorize (the CE-only baseline) and compress (static) never switch
+    return {"memorize": MEMORIZE, "compress": COMPRESS}.get(cfg["phase_mode"], ctrl.phase)
 
 # -----------------------------------------------------------------------------
-# Tasks and evaluation. What differs between tasks sits in one table, TASKS: the data and fixed
-# eval sets (data.py), the vocabulary, the default context and the metrics kept. A new task is
-# a data class in data.py and an entry here.
+# Tasks and evaluation. Everything that differs between tasks sits in its entry of TASKS: the
+# data and fixed eval sets (data.py), the vocabulary and context, the metrics kept, the one that
+# picks best.pt, the figures' panels, and how a prompt is written and an answer shown. A new task
+# is a data class in data.py and an entry here; --task, experiments.py and sample.py follow.
+
+
+@dataclass
+class Task:
+    make: Callable       # (cfg, rank, world) -> (training data with .batch(n), {name: [(x, y)]})
+    vocab_size: int
+    context: Callable    # cfg -> the default block_size
+    metrics: tuple       # evaluate()'s metrics kept, per eval set
+    best: str            # the eval metric (lower is better) whose best eval best.pt keeps
+    curves: tuple        # ((eval metrics, axis label), ...): curves.png's panels after train CE
+    panels: tuple        # ((metric, axis label), ...): a comparison's figure (experiments.py)
+    prompt: Callable     # (cfg, text) -> (token ids, stop id or None, tokens to add): sampling
+    show: Callable       # (cfg, text, new ids) -> the line a sample prints
+    examples: Callable   # (cfg, eval sets) -> prompts sampled at the end of a run
 
 
 def arithmetic_data(cfg, rank, world):
@@ -483,20 +465,6 @@ def arithmetic_data(cfg, rank, world):
     return d, {name: list(zip(x.split(B), y.split(B))) for name, (x, y) in d.eval_sets().items()}
 
 
-def text_data(cfg, rank, world):
-    """Random windows of the token shards, and a fixed budget of validation tokens."""
-    d = data.TokenShards(cfg["data_dir"], cfg["block_size"], cfg["seed"], rank, world,
-                         vocab_size=50257)   # GPT-2's; the model's rows up to 50304 are padding
-    try:
-        if cfg["tokenizer_file"]:                 # given: checked now, used for the samples
-            data.get_tokenizer(cfg["tokenizer_file"])
-        return d, {"val": d.val_batches(cfg["val_tokens"], cfg["batch_size"])}
-    except data.DataError as e:
-        raise ConfigError(f"--tokenizer_file: {e}") from None
-    except ValueError as e:
-        raise ConfigError(f"--val_tokens={cfg['val_tokens']}: {e}") from None
-
-
 def arithmetic_context(cfg):
     """Padded: the longest problem (ID or OOD), rounded up to whole MBE windows. Packed: 32, the
     longest test problem and some context (README)."""
@@ -506,24 +474,54 @@ def arithmetic_context(cfg):
     return -(-need // cfg["patch_size"]) * cfg["patch_size"]
 
 
-@dataclass
-class Task:
-    make: object            # (cfg, rank, world) -> (training data, {name: [(x, y), ...]} eval sets)
-    vocab_size: int
-    context: object         # cfg -> the default block_size
-    metrics: tuple          # evaluate()'s metrics kept, per eval set
+def arithmetic_examples(cfg, evals):
+    """The last problem in the first row of each test set (ID, OOD): held out from training."""
+    rows = (data.arith_decode(evals[name][0][0][0].tolist()) for name in ("id", "ood"))
+    return [" x ".join(re.findall(r"(\d+) x (\d+) = ", row)[-1]) for row in rows]
 
 
-TASKS = {"arithmetic": Task(arithmetic_data, data.ARITH_VOCAB, arithmetic_context,
-                            ("ce", "acc", "conf", "mbe", "mbe_layers")),
-         "text": Task(text_data, 50304,   # GPT-2's 50,257 tokens padded to a multiple of 64: faster
-                      lambda cfg: 1024 if cfg["model"] == "gpt2" else 256,
-                      ("ce", "mbe", "mbe_layers"))}
+def text_data(cfg, rank, world):
+    """Random windows of the token shards, and a fixed budget of validation tokens."""
+    d = data.TokenShards(cfg["data_dir"], cfg["block_size"], cfg["seed"], rank, world,
+                         vocab_size=50257)   # GPT-2's; the model's rows up to 50304 are padding
+    try:
+        cfg["tokenizer_file"] and data.get_tokenizer(cfg["tokenizer_file"])   # given: checked now
+        return d, {"val": d.val_batches(cfg["val_tokens"], cfg["batch_size"])}
+    except data.DataError as e:
+        raise ConfigError(f"--tokenizer_file: {e}") from None
+    except ValueError as e:
+        raise ConfigError(f"--val_tokens={cfg['val_tokens']}: {e}") from None
 
 
-def make_data(cfg, rank, world):
-    """The task's training data and eval sets. data.py's errors (missing shards, a context too
-    short or too long) are bad input."""
+def tokenizer(cfg):   # --tokenizer_file, $GAPT_TOKENIZER_FILE, the corpus's copy, tiktoken's own
+    return data.get_tokenizer(cfg["tokenizer_file"] or None, cfg["data_dir"])
+
+
+TASKS = {
+    "arithmetic": Task(
+        arithmetic_data, data.ARITH_VOCAB, arithmetic_context,
+        metrics=("ce", "acc", "conf", "mbe", "mbe_layers"), best="id_ce",
+        curves=((("id_ce", "ood_ce"), "test answer CE (nats)"),
+                (("id_acc", "ood_acc"), "test exact match")),
+        panels=(("id_acc", "ID exact match"), ("id_mbe", "ID MBE, regularised layers (nats)"),
+                ("ood_ce", "OOD answer CE (nats)"), ("ood_conf", "OOD confidence (top p)")),
+        prompt=lambda cfg, text: data.arith_prompt(text), examples=arithmetic_examples,
+        show=lambda cfg, text, new: data.arith_show(text, new, cfg["reverse_answer"])),
+    "text": Task(
+        text_data, 50304,   # GPT-2's 50,257 tokens padded to a multiple of 64: faster
+        lambda cfg: 1024 if cfg["model"] == "gpt2" else 256,
+        metrics=("ce", "mbe", "mbe_layers"), best="val_ce",
+        curves=((("val_ce",), "val CE (nats/token)"),),
+        panels=(("val_ce", "val CE (nats/token)"), ("-val_ce", "val CE minus the first arm's"),
+                ("val_mbe_layers", "val MBE per layer (nats)")),
+        prompt=lambda cfg, text: (tokenizer(cfg).encode_ordinary(text) or [data.EOT], None, 64),
+        show=lambda cfg, text, new: repr(text + tokenizer(cfg).decode(
+            [i for i in new if i <= data.EOT])), examples=lambda cfg, evals: [
+            tokenizer(cfg).decode(row[: cfg["block_size"] // 2].tolist())
+            for row in evals["val"][0][0][:3]])}
+
+
+def make_data(cfg, rank, world):   # data.py's errors (no shards, a context too short): bad input
     try:
         return TASKS[cfg["task"]].make(cfg, rank, world)
     except (FileNotFoundError, ValueError) as e:
@@ -558,9 +556,8 @@ def evaluate(model, batches, cfg, device, ctx):
 def run_eval(model, evals, cfg, device, ctx):
     """{set_metric: value} over the task's eval sets and metrics."""
     model.eval()
-    keep = TASKS[cfg["task"]].metrics
-    out = {f"{name}_{k}": v for name, batches in evals.items()
-           for k, v in evaluate(model, batches, cfg, device, ctx).items() if k in keep}
+    out = {f"{name}_{k}": v for name, batches in evals.items() for k, v in
+           evaluate(model, batches, cfg, device, ctx).items() if k in TASKS[cfg["task"]].metrics}
     model.train()
     return out
 
@@ -583,9 +580,19 @@ def grad_alignment(model, x, y, cfg):
         return F.cosine_similarity(a.float(), b.float(), dim=0, eps=1e-12).item()
     return cos(""), [cos(f"transformer.h.{i}.") for i in range(cfg["n_layer"])]
 
+
+def complete(model, cfg, text, n=1, temperature=0.0, top_k=0, n_new=0):
+    """n continuations of the prompt text by model (trained on cfg's task): the lines to print."""
+    task, device = TASKS[cfg["task"]], next(model.parameters()).device
+    ids, stop, room = task.prompt(cfg, text)
+    rows = model.generate(torch.tensor([ids] * n, device=device), n_new or room, temperature,
+                          top_k, stop)
+    return [task.show(cfg, text, row) for row in rows[:, len(ids):].tolist()]
+
 # -----------------------------------------------------------------------------
 # Training loop: the device, the model and optimizer, the schedule, then train(), whose step
-# reads forward (CE and M) -> IBLM loss -> backward -> clipped update -> the next phase.
+# reads as Algorithm 1: the batch, the loss the phase asks for, backward, the update, the log,
+# the controller's next phase, then eval and checkpoint.
 
 
 def setup_device(cfg):
@@ -617,8 +624,8 @@ def setup_device(cfg):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     auto = {"dtype": "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32",
             "compile": "on" if cuda else "off",   # where one graph of GPT and MBE pays off
-            "read_lag": "1" if cuda else "0"}     # see train(): only a GPU's queue gains
-    cfg.update({k: v for k, v in auto.items() if cfg[k] == "auto"})
+            "read_lag": "1" if cuda else "0"}     # see ReadLag: only a GPU's queue gains
+    cfg.update({k: v for k, v in auto.items() if cfg.get(k, "auto") == "auto"})
     if cfg["dtype"] == "float16" and not cuda:
         raise ConfigError("--dtype=float16 needs a CUDA device (use bfloat16 or float32)")
     dtype = getattr(torch, cfg["dtype"])
@@ -628,9 +635,8 @@ def setup_device(cfg):
 
 
 def build(cfg, device, gpt2=None):
-    """The GPT, initialised from --seed or from GPT-2's state dict gpt2 (load_gpt2), and its
-    optimizers: [AdamW], weight decay on 2-D weights only (not biases, LayerNorms), or with
-    --optimizer=muon [Muon, AdamW]: Muon (orthogonalised momentum, as in the paper's
+    """The GPT, from --seed or GPT-2's weights, and its optimizers: [AdamW] with weight decay on
+    2-D weights only, or [Muon, AdamW]: Muon (orthogonalised momentum, as in the paper's
     modded-nanogpt runs) for the blocks' attention and MLP matrices, AdamW for the rest."""
     torch.manual_seed(cfg["seed"])
     model = GPT(GPTConfig(**{k: cfg[k] for k in GPTConfig.__dataclass_fields__}))
@@ -655,14 +661,6 @@ def make_optimizer(model, cfg, device):
     m = torch.optim.Muon(to_muon, lr=cfg["muon_lr"], weight_decay=cfg["muon_weight_decay"])
     m.lr_scale = cfg["muon_lr"] / cfg["learning_rate"]   # train(): lr = get_lr(step) * lr_scale
     return [m, adamw]
-
-
-def describe(optimizers):
-    """For the run log: each optimizer's peak lr, weight decay (of its 2-D weights), parameters."""
-    return " + ".join(f"{type(o).__name__} (lr {o.defaults['lr']:g}, "
-                      f"weight decay {o.param_groups[0]['weight_decay']:g}, "
-                      f"{sum(p.numel() for g in o.param_groups for p in g['params']):,} parameters)"
-                      for o in optimizers)
 
 
 def get_lr(step, cfg):
@@ -696,42 +694,99 @@ def update(raw, optimizers, scaler, cfg, stats):
     return torch.cat([stats, norm.float()[None], ok.float()[None]])
 
 
-def host_copy(t):
-    """Start moving t to the host: on cuda a non-blocking copy and an event marking its end, so the
-    host can launch the next step while the GPU finishes this one; elsewhere the values now."""
-    if t.device.type != "cuda":
-        return t.tolist()
-    t, done = t.to("cpu", non_blocking=True), torch.cuda.Event()
-    done.record()
-    return t, done
+class ReadLag:
+    """A detour from Algorithm 1 for speed: reading CE and M at once makes a GPU wait for the host
+    every step. At lag 1 (cuda) the host reads a step's numbers from a non-blocking copy after
+    launching the next, so step t+2's phase comes from step t's, catching up at an eval; at lag 0
+    step t+1's comes from step t's, as in Algorithm 1. ready() hands back the readable steps with
+    named fields (ce, mbe, norm, ok; bad: non-finite in a row), all ranks' phases checked equal."""
 
+    def __init__(self, lag):
+        self.lag, self.pending, self.bad = lag, deque(), 0
 
-def host_values(copy):
-    """The values of a host_copy, waiting for its copy to end if it has not."""
-    if isinstance(copy, list):
-        return copy
-    copy[1].synchronize()
-    return copy[0].tolist()
+    def ready(self, step, catch_up=False):
+        if step.numbers.device.type == "cuda":   # start the copy; an event marks its end
+            step.numbers = step.numbers.to("cpu", non_blocking=True)
+            step.copied = torch.cuda.Event()
+            step.copied.record()
+        self.pending.append(step)
+        while len(self.pending) > (0 if catch_up else self.lag):
+            s = self.pending.popleft()
+            if hasattr(s, "copied"):                    # wait for its copy, if not there yet
+                s.copied.synchronize()
+            s.ce, s.mbe, phase_mean, s.norm, ok = s.numbers.tolist()
+            s.ok, self.bad = bool(ok), 0 if ok else self.bad + 1
+            s.bad = self.bad
+            if abs(phase_mean - s.phase) > 1e-6:      # all ranks read the same all-reduced values
+                raise TrainingError(f"step {s.step}: processes disagree about the phase "
+                                    f"(mean {phase_mean}, this one {s.phase})")
+            yield s
 
 
 def train(cfg):
-    given = {k: v for k, v in cfg.items() if k in DEFAULTS and v != DEFAULTS[k]}   # for the log
+    r = start(cfg)   # the device, data, model, optimizers, controller and log: below
+    cfg, model, raw, ctrl, log, device = r.cfg, r.model, r.raw, r.ctrl, r.log, r.device
+    step, phase, lag, t_start = r.step, r.phase, ReadLag(int(cfg["read_lag"])), time.time()
+    while step < cfg["max_iters"]:
+        t0, lr = time.time(), get_lr(step, cfg)
+        for o in r.optimizers:
+            for group in o.param_groups:   # Muon: its own peak (make_optimizer)
+                group["lr"] = lr * getattr(o, "lr_scale", 1.0)
+        numbers = torch.zeros(3, device=device)      # CE, M (means over micro-batches), the phase
+        for micro in range(r.accum):
+            x, y = (t.pin_memory().to(device, non_blocking=True) if device.type == "cuda"
+                    else t.to(device) for t in r.loader.batch(cfg["batch_size"]))   # the batch
+            if r.ddp:   # sync gradients on the last micro-step only; set before the forward pass
+                model.require_backward_grad_sync = micro == r.accum - 1
+            with r.ctx:
+                ce, M = model(x, y, phase == COMPRESS)   # CE, and the MBE of the chosen layers
+            loss = iblm_loss(ce, M, phase, cfg["mbe_weight"])   # the phase's: CE (+ weight * M)
+            r.scaler.scale(loss / r.accum).backward()    # a mean over micro-batches, not a sum
+            numbers[:2] += torch.stack([ce.detach().float(), M.detach()]) / r.accum
+        numbers[2] = phase                       # its mean over ranks is exact where they agree
+        numbers = update(raw, r.optimizers, r.scaler, cfg, all_mean(numbers, r.ddp, r.world))
+        step += 1                                # a skipped update counts, as under fp16's scaler
+        at_eval = step == cfg["max_iters"] or bool(cfg["eval_interval"]) and \
+            step % cfg["eval_interval"] == 0
+        ran = SimpleNamespace(step=step, phase=phase, lr=lr, ms=1000 * (time.time() - t0),
+                              numbers=numbers)
+        for s in lag.ready(ran, catch_up=at_eval):   # this step (lag 0), or the one before
+            log_step(log, cfg, s, r.total, (t_start, r.step))   # stops after max_bad_steps
+            if s.ok and cfg["phase_mode"] == "gapt" and s.phase == ctrl.phase:
+                phase = ctrl.step(s.ce, s.mbe)   # Algorithm 1: the next step's phase
+                log_switch(log, s, phase, ctrl.why)
+        if r.master and cfg["align_interval"] and step % cfg["align_interval"] == 0:
+            x, y = (t.to(device) for t in next(iter(r.evals.values()))[0])
+            cos, per_layer = grad_alignment(raw, x, y, cfg)
+            log.record(kind="align", step=step, cos=cos, cos_layers=per_layer)
+        if at_eval:
+            eval_and_save(r, step)
+    if r.ddp:   # every rank leaves the process group together, before rank 0 writes the summary
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if r.master:
+        finish(r, time.time() - t_start)
+
+
+def start(cfg):
+    """Everything a run needs, each input checked before the first file is written: the device,
+    the run to resume or GPT-2's weights, data, model, optimizers, controller, then the log."""
+    given = {k: cfg[k] for k in cfg.get("given", ()) if k in DEFAULTS}   # for the log
     device, ctx, scaler, (ddp, rank, world) = setup_device(cfg)
     master = rank == 0
-    ck = load_checkpoint(cfg, master) if cfg["init_from"] == "resume" else None   # sets model, data
-    gpt2 = load_gpt2(cfg) if cfg["init_from"] in GPT2_SIZES else None   # sets the model's shape
+    cfg, ck = runs.load_checkpoint(cfg, check_saved, DEFAULTS, FIXED, master) \
+        if cfg["init_from"] == "resume" else (cfg, None)   # the run as it was started
+    gpt2 = runs.read_gpt2(cfg) if cfg["init_from"].startswith("gpt2") else None   # sets its shape
     cfg = resolve(cfg)
-    B, T, W = cfg["batch_size"], cfg["block_size"], cfg["mbe_weight"]
-    micro_tokens = B * T * world
+    micro_tokens = cfg["batch_size"] * cfg["block_size"] * world
     total = cfg["total_batch_size"] or micro_tokens      # tokens per optimizer step, all processes
     if total % micro_tokens:
         raise ConfigError(f"--total_batch_size={total} is not a multiple of batch_size * block_size"
                           f" * processes = {micro_tokens}")
-    accum = total // micro_tokens
-    loader, evals = make_data(cfg, rank, world)   # before anything is written: bad input
+    loader, evals = make_data(cfg, rank, world)
     raw, optimizers = build(cfg, device, gpt2)   # raw: uncompiled, unwrapped: what checkpoints hold
-    ctrl, phase = controller(cfg)
-    step = 0
+    ctrl = controller(cfg)
+    phase, step, best = first_phase(cfg, ctrl), 0, {}
     if ck:
         raw.load_state_dict(ck["model"])
         for o, sd in zip(optimizers, ck["optimizer"], strict=True):
@@ -739,119 +794,66 @@ def train(cfg):
         ctrl.load_state_dict(ck["gapt"])
         if ck["scaler"]:                  # empty when the run had no fp16 grad scaler
             scaler.load_state_dict(ck["scaler"])
-        step = ck["step"]
+        step, best = ck["step"], ck.get("best", {})
         phase = ctrl.phase if cfg["phase_mode"] == "gapt" else phase
-        restore_rank(ck, loader, rank, world)
+        runs.restore_rank(ck, loader, rank, world)
     model = IBLM(raw, cfg["layers"], cfg["patch_size"])   # CE and M from one forward pass
     if cfg["compile"] == "on":
         model = torch.compile(model)                      # one graph of the GPT and its MBE
     if ddp:
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    log = on_every_rank(lambda: open_run(cfg, master, step if ck else None), ddp)
-    log.print("config: " + (" ".join(f"--{k}={v}" for k, v in given.items()) or "the defaults"))
-    log.print(f"torch {torch.__version__} | device {device} | dtype {cfg['dtype']} | processes "
-              f"{world} | {raw.num_params():,} parameters | MBE on layers {cfg['layers']}")
-    log.print(f"optimizer: {describe(optimizers)}")
-    log.print(f"batch: {total:,} tokens/step = {B} seqs x {T} tokens x {world} processes x "
-              f"{accum} accumulation steps")
-    if cfg["max_iters"] <= cfg["warmup_iters"]:
-        log.print(f"note: --max_iters={cfg['max_iters']} <= --warmup_iters={cfg['warmup_iters']}: "
-                  f"the learning rate never reaches its peak, --learning_rate")
+    log = on_every_rank(lambda: runs.open_run(cfg, master, step if ck else None), ddp)
+    log.print(report.opening(cfg, given, device, world, raw.num_params(), optimizers, total))
     if step == 0 and cfg["eval_interval"] and master:
         log.record(kind="eval", step=0, **run_eval(raw, evals, cfg, device, ctx))
-    # The read lag. The controller needs CE and M as numbers, and reading them at once would make
-    # a GPU wait for the host every step. On cuda (lag 1) the host reads step t's CE and M from a
-    # non-blocking copy after launching step t+1, so step t+2's phase comes from step t's values;
-    # at an eval, where the host waits anyway, it catches up. Elsewhere (lag 0) step t+1's phase
-    # comes from step t's, as in Algorithm 1. The controller sees only steps run in its own
-    # phase: at lag 1, the step in flight at a switch is left out.
-    lag, pending = int(cfg["read_lag"]), deque()   # pending: steps launched, not yet read
-    bad, t_start, start = 0, time.time(), step
-    while step < cfg["max_iters"]:
-        t0, lr = time.time(), get_lr(step, cfg)
-        for o in optimizers:
-            for g in o.param_groups:
-                g["lr"] = lr * getattr(o, "lr_scale", 1.0)   # Muon: its own peak (make_optimizer)
-        stats = torch.zeros(3, device=device)    # CE, M (means over micro-batches), the phase
-        for micro in range(accum):
-            x, y = (t.pin_memory().to(device, non_blocking=True) if device.type == "cuda"
-                    else t.to(device) for t in loader.batch(B))
-            if ddp:   # sync gradients on the last micro-step only; set before the forward pass
-                model.require_backward_grad_sync = micro == accum - 1
-            with ctx:
-                ce, M = model(x, y, phase == COMPRESS)   # CE, and the MBE of the chosen layers
-            loss = iblm_loss(ce, M, phase, W)            # + mbe_weight * M when compressing
-            scaler.scale(loss / accum).backward()        # a mean over micro-batches, not a sum
-            stats[:2] += torch.stack([ce.detach().float(), M.detach()]) / accum
-        stats[2] = phase                         # its mean over ranks is exact where they agree
-        stats = update(raw, optimizers, scaler, cfg, all_mean(stats, ddp, world))   # or skip it
-        step += 1                                # a skipped step counts, as under fp16's scaler
-        pending.append({"step": step, "phase": phase, "lr": lr, "ms": 1000 * (time.time() - t0),
-                        "stats": host_copy(stats)})
-        at_eval = (cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or \
-            step == cfg["max_iters"]
-        while len(pending) > (0 if at_eval else lag):
-            rec = pending.popleft()
-            s, used = rec["step"], rec["phase"]
-            ce, mbe, phase_mean, norm, ok = host_values(rec["stats"])
-            bad = 0 if ok else bad + 1
-            log_step(log, cfg, rec, (ce, mbe, norm), bad, total, (t_start, start))
-            if abs(phase_mean - used) > 1e-6:    # all ranks read the same all-reduced values
-                raise TrainingError(f"step {s}: processes disagree about the phase "
-                                    f"(mean {phase_mean}, this one {used})")
-            if bad >= cfg["max_bad_steps"]:
-                raise TrainingError(f"stopped after {bad} consecutive non-finite steps (try a "
-                                    f"lower --learning_rate); the last good checkpoint, if any, "
-                                    f"is {os.path.join(cfg['out_dir'], 'ckpt.pt')}")
-            if ok and cfg["phase_mode"] == "gapt" and used == ctrl.phase:   # skips: never seen
-                phase = ctrl.step(ce, mbe)       # Algorithm 1: the phase of the next step
-                if phase != used:                # a switch: what ended the phase, and why
-                    log.record(kind="switch", step=s, phase=phase, **ctrl.why)
-                    log.print(f"step {s:>5} | {PHASES[used]} -> {PHASES[phase]} | " + " | ".join(
-                        v if k == "reason" else f"{k} {v:.4f}" for k, v in ctrl.why.items()))
-        if master and cfg["align_interval"] and step % cfg["align_interval"] == 0:
-            x, y = (t.to(device) for t in next(iter(evals.values()))[0])
-            cos, per_layer = grad_alignment(raw, x, y, cfg)
-            log.record(kind="align", step=step, cos=cos, cos_layers=per_layer)
-        if at_eval:
-            if master:
-                metrics = run_eval(raw, evals, cfg, device, ctx)
-                log.record(kind="eval", step=step, **metrics)
-                log.print(f"eval {step:>5} | " + " | ".join(
-                    f"{k} {v:.4f}" for k, v in metrics.items() if not isinstance(v, list)))
-            on_every_rank(lambda: save(cfg, loader, ddp, world, master, {
-                "model": raw.state_dict(), "optimizer": [o.state_dict() for o in optimizers],
-                "step": step, "gapt": ctrl.state_dict(), "scaler": scaler.state_dict(),
-                "config": cfg}), ddp)
-    if ddp:   # every rank leaves the process group together, before rank 0 writes the summary
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    if master:
-        summary(cfg, time.time() - t_start, start)
-        if cfg["task"] == "text":
-            print_samples(raw, evals["val"][0][0], cfg, device)
+    return SimpleNamespace(
+        cfg=cfg, device=device, ctx=ctx, scaler=scaler, ddp=ddp, rank=rank, world=world,
+        master=master, loader=loader, evals=evals, raw=raw, model=model, log=log,
+        optimizers=optimizers, ctrl=ctrl, phase=phase, step=step, best=best, total=total,
+        accum=total // micro_tokens)
 
 
-def log_step(log, cfg, rec, values, bad, total, since):
-    """A step's record in log.jsonl (train, or skip: its update was not applied, the bad-th in a
-    row), and a line on the console every log_interval steps, with the time since (t0, step0)
-    and an estimate of the time left."""
-    (ce, mbe, norm), step, phase, ms = values, rec["step"], rec["phase"], rec["ms"]
-    if bad:
-        log.record(kind="skip", step=step, ce=ce, mbe=mbe, grad_norm=norm)
-        log.print(f"step {step}: non-finite ce={ce} mbe={mbe} grad_norm={norm}: update skipped "
-                  f"({bad}/{cfg['max_bad_steps']})")
+def log_step(log, cfg, s, total, since):
+    """A step's record in log.jsonl (train, or skip: its update was not applied, the s.bad-th in a
+    row; max_bad_steps stop the run) and its console line every log_interval steps."""
+    if s.bad:
+        log.record(kind="skip", step=s.step, ce=s.ce, mbe=s.mbe, grad_norm=s.norm)
+        log.print(f"step {s.step}: non-finite ce={s.ce} mbe={s.mbe} grad_norm={s.norm}: update "
+                  f"skipped ({s.bad}/{cfg['max_bad_steps']})")
+        if s.bad >= cfg["max_bad_steps"]:
+            raise TrainingError(f"stopped after {s.bad} consecutive non-finite steps (try a "
+                                f"lower --learning_rate); the last good checkpoint, if any, is "
+                                f"{runs.quoted(os.path.join(cfg['out_dir'], 'ckpt.pt'))}")
         return
-    log.record(kind="train", step=step, phase=phase, ce=ce, mbe=mbe, lr=rec["lr"], ms=ms,
-               tok_s=1000 * total / ms)
-    if step % cfg["log_interval"] == 0 or step in (1, cfg["max_iters"]):
-        took = time.time() - since[0]
-        left = took / (step - since[1]) * (cfg["max_iters"] - step)
-        clock = "{:.0f}m{:02.0f}s".format
-        log.print(f"step {step:>5}/{cfg['max_iters']} | {PHASES[phase]} | ce {ce:.4f} | mbe "
-                  f"{mbe:.4f} | lr {rec['lr']:.2e} | {ms:.1f} ms | {1000 * total / ms:,.0f} tok/s"
-                  f" | {clock(*divmod(took, 60))}, ETA {clock(*divmod(left, 60))}")
+    log.record(kind="train", step=s.step, phase=s.phase, ce=s.ce, mbe=s.mbe, lr=s.lr, ms=s.ms,
+               tok_s=1000 * total / s.ms)
+    if s.step % cfg["log_interval"] == 0 or s.step in (1, cfg["max_iters"]):
+        log.print(report.step_line(cfg, s, PHASES[s.phase], total, since))
+
+
+def log_switch(log, s, phase, why):
+    """A phase switch after step s: what ended the phase, and the numbers behind it."""
+    if phase != s.phase:
+        log.record(kind="switch", step=s.step, phase=phase, **why)
+        log.print(report.line(f"step {s.step:>5} | {PHASES[s.phase]} -> {PHASES[phase]}", why))
+
+
+def eval_and_save(r, step):
+    """Rank 0 evaluates on the fixed eval sets; every rank joins the checkpoint: ckpt.pt (the
+    latest, resumes exactly) and best.pt (the best eval's weights). Never non-finite weights."""
+    new_best = False
+    if r.master:
+        metrics = run_eval(r.raw, r.evals, r.cfg, r.device, r.ctx)
+        r.log.record(kind="eval", step=step, **metrics)
+        r.log.print(report.line(f"eval {step:>5}", metrics))
+        key = TASKS[r.cfg["task"]].best
+        if new_best := metrics[key] < r.best.get(key, math.inf):
+            r.best = {"step": step, key: metrics[key]}
+    state = {"model": r.raw.state_dict(), "optimizer": [o.state_dict() for o in r.optimizers],
+             "step": step, "gapt": r.ctrl.state_dict(), "scaler": r.scaler.state_dict(),
+             "best": r.best, "config": r.cfg}
+    on_every_rank(lambda: save(r, state, new_best), r.ddp)
 
 
 def on_every_rank(fn, ddp):
@@ -879,554 +881,119 @@ def all_mean(t, ddp, world):
     return t
 
 # -----------------------------------------------------------------------------
-# Where a run starts: GPT-2's pretrained weights (--init_from=gpt2*), or its own checkpoint
-# (--init_from=resume). Checkpoints are written whole or not at all, carry a checksum, and hold
-# every rank's data and RNG state: a resumed run goes on as if it had never stopped.
-
-GPT2_SIZES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
-              "gpt2-xl": (48, 25, 1600)}   # (n_layer, n_head, n_embd): the Hugging Face checkpoints
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Checkpoints and resume: every rank's data and RNG state, so a resumed run goes on as if it had
+# never stopped (runs.py writes and checks the files). On resume these cannot change:
+FIXED = ("task", "model", "n_layer", "n_head", "n_embd", "block_size", "bias", "patch_size",
+         "mbe_layers", "seed", "reverse_answer", "digits_min", "digits_max", "ood_digits_min",
+         "ood_digits_max", "n_eval", "arith_layout", "arith_loss", "val_tokens", "optimizer")
 
 
-def gpt2_file(name, path):
-    """The weights file: --weights (a file, or a folder holding one), else downloaded."""
-    if not path:
-        os.environ.setdefault("HF_HUB_VERBOSITY", "error")   # no retry warnings: one line below
-        try:
-            from huggingface_hub import hf_hub_download
-        except ImportError:
-            raise ConfigError(f"--init_from={name}: pip install huggingface_hub, "
-                              "or pass --weights=PATH to a local copy") from None
-        try:
-            hf_hub_download(f"openai-community/{name}", "config.json")   # beside them: n_head
-            return hf_hub_download(f"openai-community/{name}", "model.safetensors")
-        except Exception as e:
-            raise ConfigError(f"--init_from={name}: download failed ({type(e).__name__}); pass "
-                              "--weights=PATH to a local copy") from None
-    for f in ("model.safetensors", "pytorch_model.bin"):
-        if os.path.isdir(path) and os.path.isfile(os.path.join(path, f)):
-            return os.path.join(path, f)
-    if not os.path.isfile(path):
-        raise ConfigError(f"--weights={path}: no such file, "
-                          "nor a folder with model.safetensors or pytorch_model.bin")
-    return path
-
-
-def load_gpt2(cfg):
-    """Hugging Face GPT-2's state dict, less the "transformer." prefix (fit_gpt2 makes it this
-    GPT's). Sets cfg's n_layer and n_embd from the tensors, n_head from the config.json beside
-    them (else by name), and block_size, unless given, to their positions; nothing is written."""
-    name = cfg["init_from"]
-    if cfg["task"] != "text":
-        raise ConfigError(f"--init_from={name} needs --task=text (GPT-2's vocabulary)")
-    path = gpt2_file(name, cfg["weights"])
-    try:
-        with warnings.catch_warnings():   # torch warns of a pickle it cannot read, then raises
-            warnings.simplefilter("ignore")
-            if path.endswith(".safetensors"):
-                from safetensors.torch import load_file
-                sd = load_file(path)
-            else:
-                sd = torch.load(path, map_location="cpu", weights_only=True)
-        skip = (".attn.bias", ".attn.masked_bias", "lm_head.weight")   # mask buffers; tied to wte
-        sd = {k.removeprefix("transformer."): v.float() for k, v in sd.items()
-              if not k.endswith(skip)}
-        vocab, n_embd = sd["wte.weight"].shape
-        n_layer = len({k.split(".")[1] for k in sd if k.startswith("h.")})
-    except ImportError:
-        raise ConfigError(f"--weights={path}: pip install safetensors to read it") from None
-    except Exception as e:
-        kind = type(e).__name__
-        raise ConfigError(f"--weights={path}: not a GPT-2 checkpoint ({kind})") from None
-    config = os.path.join(os.path.dirname(path), "config.json")
-    try:
-        with open(config) as f:
-            n_head = int(json.load(f)["n_head"])
-    except FileNotFoundError:
-        if (n_layer, n_embd) != GPT2_SIZES[name][::2]:
-            raise ConfigError(f"{config} is missing and the weights are not {name}'s size: it "
-                              f"gives n_head") from None
-        n_head = GPT2_SIZES[name][1]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{config}: no n_head in it ({type(e).__name__})") from None
-    if vocab != 50257 or n_embd % n_head:
-        raise ConfigError(f"--weights={path}: {vocab} tokens, {n_embd} wide, {n_head} heads: "
-                          "not a GPT-2 shape")
-    for key, v in (("n_layer", n_layer), ("n_head", n_head), ("n_embd", n_embd)):
-        if cfg[key] not in (0, v):
-            raise ConfigError(f"--{key}={cfg[key]}: the weights have {v}")
-        cfg[key] = v
-    cfg["block_size"] = cfg["block_size"] or len(sd["wpe.weight"])   # default: all its positions
-    cfg["vocab_real"] = vocab   # in the checkpoint's config: a resumed run masks the padding too
-    return sd
-
-
-def fit_gpt2(model, sd):
-    """Load GPT-2's state dict into model: wte padded with zero rows to the model's vocabulary (the
-    padded logits are masked, GPTConfig.vocab_real), wpe cut to its context. Returns the model."""
-    c = model.config
-    wte, wpe = sd["wte.weight"], sd["wpe.weight"]
-    if c.block_size > len(wpe):
-        raise ConfigError(f"--block_size={c.block_size}: the GPT-2 weights have {len(wpe)} "
-                          f"positions")
-    sd = {("transformer." + k): (v.t() if k.endswith(CONV1D) else v) for k, v in sd.items()}
-    wte = F.pad(wte, (0, 0, 0, c.vocab_size - len(wte)))   # (vocab_size, n_embd), zero rows last
-    sd["transformer.wte.weight"] = sd["lm_head.weight"] = wte
-    sd["transformer.wpe.weight"] = wpe[: c.block_size]
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:   # a missing, extra or misshapen tensor
-        raise ConfigError(f"--init_from: the weights do not fit this GPT "
-                          f"({str(e).splitlines()[-1].strip()[:80]})") from None
-    return model
-
-
-def save(cfg, loader, ddp, world, master, state):
-    """Checkpoint state and every rank's data-generator and RNG states (gathered to rank 0):
-    enough to continue as if never stopped. Never from non-finite weights."""
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None   # this rank's GPU
-    mine = {"data": loader.state_dict(), "rng": {"python": random.getstate(), "cuda": cuda,
-                                                "numpy": np.random.get_state(),
-                                                "torch": torch.get_rng_state()}}
-    ranks = [None] * world if ddp else [mine]
-    if ddp:
+def save(r, state, new_best):   # every rank's data and RNG state; ckpt.pt and best.pt on rank 0
+    mine = {"data": r.loader.state_dict(), "rng": runs.rng_state()}
+    ranks = [None] * r.world if r.ddp else [mine]
+    if r.ddp:
         torch.distributed.all_gather_object(ranks, mine)
-    if master and not all(torch.isfinite(p).all() for p in state["model"].values()):
+    if r.master and not all(torch.isfinite(p).all() for p in state["model"].values()):
         print(f"step {state['step']}: non-finite weights, checkpoint not written")
-    elif master:
-        save_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), {**state, "ranks": ranks})
+    elif r.master:
+        runs.save_checkpoint(os.path.join(r.cfg["out_dir"], "ckpt.pt"), {**state, "ranks": ranks})
+        if new_best:   # the weights alone: best.pt samples and evaluates, ckpt.pt resumes
+            runs.save_checkpoint(os.path.join(r.cfg["out_dir"], "best.pt"), {
+                k: state[k] for k in ("model", "step", "best", "config")})
 
 
-def write_atomic(path, *chunks):
-    """Write path whole or not at all: a run killed mid-write, or a full disk, leaves the file as it
-    was and no path.tmp behind (an OSError then names path)."""
-    tmp = path + ".tmp"
+def finish(r, seconds):
+    """The end of a run: the summary, curves.png, and greedy samples of the task's examples."""
+    cfg, out = r.cfg, r.cfg["out_dir"]
+    trains, evals = runs.read_log(out, "train", "phase", "ce", "mbe"), runs.read_log(out, "eval")
+    report.summary(cfg, seconds, r.step, trains, evals, runs.read_log(out, "switch"), r.best)
+    report.plot_run(os.path.join(out, "curves.png"), cfg, trains, evals, TASKS[cfg["task"]].curves)
     try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-        os.replace(tmp, path)
-    except BaseException as e:   # also Ctrl-C mid-write
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError) and not e.filename:
-            e.filename = path
-        raise
-
-
-CKPT_MAGIC = b"GAPT-CKPT sha256 "   # then the payload's sha256 (64 hex digits), "\n", the payload
-
-
-def save_checkpoint(path, state):
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    payload = buf.getbuffer()
-    write_atomic(path, CKPT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n", payload)
-
-
-def read_checkpoint(path):
-    """The state save_checkpoint wrote; ConfigError if its checksum does not match."""
-    with open(path, "rb") as f:
-        blob = f.read()
-    if blob.startswith(CKPT_MAGIC):   # older checkpoints are a bare torch.save payload
-        head, _, blob = blob.partition(b"\n")
-        if hashlib.sha256(blob).hexdigest().encode() != head[len(CKPT_MAGIC):]:
-            raise ConfigError(f"{path} is damaged: its checksum does not match (a changed bit); "
-                              f"delete it to start over")
-    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
-
-
-# on resume the model and the data are the checkpoint's; the schedule and logging the command line's
-RESUMED = ("task", "model", "n_layer", "n_head", "n_embd", "block_size", "bias", "patch_size",
-           "mbe_layers", "seed", "reverse_answer", "digits_min", "digits_max", "ood_digits_min",
-           "ood_digits_max", "n_eval", "arith_layout", "arith_loss", "val_tokens")
-
-
-def load_checkpoint(cfg, master):
-    """out_dir's checkpoint, whole and checked; cfg takes its model and data settings, naming the
-    flags given other values that they replace."""
-    path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    if not os.path.exists(path):
-        raise ConfigError(f"--init_from=resume: no checkpoint at {path}")
-    try:
-        ck = read_checkpoint(path)
-        saved = ck["config"]
-        old = {k: saved.get(k, DEFAULTS[k]) for k in RESUMED}   # older checkpoints lack some
-        trained = saved.get("optimizer", "adamw")   # another optimizer's state would not load
-        opt = ck["optimizer"]                        # older checkpoints: one dict
-        ck["optimizer"] = opt.get("optimizers", [opt]) if isinstance(opt, dict) else opt
-        if not {"model", "optimizer", "gapt", "scaler", "ranks"} <= set(ck) or \
-                not isinstance(ck["step"], int):
-            raise KeyError("step")
-    except ConfigError as e:
-        raise ConfigError(f"--init_from=resume: {e}") from None
-    except Exception as e:
-        raise ConfigError(f"--init_from=resume: {path} is damaged ({type(e).__name__}); "
-                          f"delete it to start over") from None
-    given = [k for k in RESUMED if cfg[k] != DEFAULTS[k] and cfg[k] != old[k]]
-    if given and master:
-        print("resume: the checkpoint's values replace " +
-              ", ".join(f"--{k}={cfg[k]} (now {old[k]})" for k in given))
-    cfg.update(old, vocab_real=saved.get("vocab_real", 0))
-    if cfg["data_dir"] == DEFAULTS["data_dir"]:   # its corpus, unless given (a copy moved, say)
-        cfg["data_dir"] = saved.get("data_dir", cfg["data_dir"])
-    if cfg["optimizer"] != trained:
-        raise ConfigError(f"--optimizer={cfg['optimizer']}: the checkpoint was trained with "
-                          f"--optimizer={trained}; resume with that")
-    if cfg["max_iters"] < ck["step"]:
-        raise ConfigError(f"--max_iters={cfg['max_iters']}: the checkpoint is at step {ck['step']} "
-                          f"already; give a larger --max_iters to train on")
-    if cfg["max_iters"] == ck["step"] and master:
-        print(f"resume: the checkpoint is at step {ck['step']} = --max_iters: nothing to train")
-    return ck
-
-
-def restore_rank(ck, loader, rank, world):
-    """This rank's data stream and RNG states from checkpoint ck."""
-    if len(ck["ranks"]) != world:   # another number of processes: each rank's stream starts afresh
-        if rank == 0:
-            print(f"resume: checkpoint from {len(ck['ranks'])} processes, now {world}: "
-                  f"data streams restart")
-        return
-    s = ck["ranks"][rank]["rng"]
-    loader.load_state_dict(ck["ranks"][rank]["data"])
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(s["cuda"])
+        for text in TASKS[cfg["task"]].examples(cfg, r.evals):
+            print("sample:", complete(r.raw, cfg, text)[0])
+    except (data.Unavailable, data.DataError) as e:   # offline, no tokenizer: the run still counts
+        print(f"samples skipped: {e}")
 
 # -----------------------------------------------------------------------------
-# The run folder: one run at a time (a lock), an earlier run kept whole, a log that survives a
-# damaged line.
+# The command line: flags read and checked against CONFIG, and main(), where every way a run can
+# end is decided (report.ending): bad input is one line and exit 2, a run that fails one line and
+# 1, Ctrl-C or SIGTERM the line that resumes it.
 
 
-def read_records(path, valid=lambda rec: True):
-    """The records of a log.jsonl. A damaged line (a torn write, stray bytes, no integer step, or
-    what valid(record) refuses) is skipped, with a warning."""
-    recs, bad = [], []
-    with open(path, "rb") as f:
-        for i, line in enumerate(f, 1):
-            try:
-                rec = json.loads(line)
-                ok = isinstance(rec, dict) and isinstance(rec.get("step"), int) and valid(rec) \
-                    and line.endswith(b"\n")
-            except ValueError:   # JSONDecodeError and UnicodeDecodeError both are
-                ok = False
-            recs.append(rec) if ok else bad.append(i)
-    if bad:
-        lines = ", ".join(map(str, bad[:5]))
-        print(f"warning: {path}: skipped {len(bad)} damaged line(s): {lines}")
-    return recs
+def parse_args(argv, table=CONFIG, choices=None, doc=__doc__, check=None):
+    """Flags -> the config dict, checked (by check, default validate); cfg["given"] lists the flags
+    given (resume keeps the rest from the run). experiments.py and sample.py pass their table."""
+    for script, flags in ELSEWHERE.items():
+        if table is CONFIG and (moved := [a for a in argv if a.startswith(flags)]):
+            again = [a.replace("--sample", "--start", 1) for a in argv]
+            raise ConfigError(f"{moved[0]} runs in {script}: python {script} {shlex.join(again)}")
+    cfg = report.parse_flags(argv, table, choices or {**CHOICES, "task": tuple(TASKS)}, doc,
+                             ConfigError)
+    return (check or validate)(cfg)
 
 
-def read_log(run_dir, kind, *keys):
-    """The records of one kind ("train", "eval", "align", "skip") in run_dir/log.jsonl; one that
-    lacks a number for one of keys counts as a damaged line."""
-    number = lambda v: isinstance(v, (int, float))   # noqa: E731
-    return [r for r in read_records(os.path.join(run_dir, "log.jsonl"), lambda r: r.get("kind")
-                                    != kind or all(number(r.get(k)) for k in keys))
-            if r.get("kind") == kind]
+def validate(cfg):
+    """Reject values that would fail later, or silently do the wrong thing."""
+    positive = ("p_m", "p_c", "batch_size", "max_iters", "patch_size", "n_eval", "log_interval",
+                "max_bad_steps", "val_tokens", "dist_timeout", "num_samples", "seeds",
+                "bench_steps")
+    for key, v in cfg.items():   # every number is finite and >= 0, these > 0
+        number = type(v) in (int, float)
+        if number and not (math.isfinite(v) and (v > 0 or v == 0 and key not in positive)):
+            raise ConfigError(f"--{key}={v}: must be " + ("positive" if key in positive else
+                                                          ">= 0") + " and finite")
+    for key in ("beta1", "beta2", "dropout", "gapt_ema"):
+        if cfg[key] >= 1:
+            raise ConfigError(f"--{key}={cfg[key]}: must be in [0, 1)")
+    digits = (cfg["digits_min"], cfg["digits_max"], cfg["ood_digits_min"], cfg["ood_digits_max"])
+    for bad, message in (
+            (not cfg["out_dir"].strip(), "--out_dir is empty: name a folder for the run"),
+            (not 0 < cfg["learning_rate"] <= 1e30 or cfg["min_lr"] > 1e30,   # Adam overflows
+             f"--learning_rate={cfg['learning_rate']} (--min_lr={cfg['min_lr']}): must be in "
+             f"(0, 1e30]"),
+            (not 0 < cfg["muon_lr"] <= 1e30, f"--muon_lr={cfg['muon_lr']}: must be in (0, 1e30]"),
+            (cfg["seed"] + cfg.get("seeds", 1) > 2**63,       # torch and numpy seeds are 64-bit
+             f"--seed={cfg['seed']}: must be below 2**63 (less --seeds)"),
+            (cfg["dist_timeout"] > 10**9, f"--dist_timeout={cfg['dist_timeout']}: at most 10**9 s"),
+            (max(cfg[k] for k in ("n_layer", "n_head", "n_embd", "block_size")) > 2**20,   # torch's
+             "--n_layer, --n_head, --n_embd and --block_size: at most 2**20"),   # sizes overflow
+            (cfg["weights"] and not cfg["init_from"].startswith("gpt2"),
+             f"--weights is read by --init_from=gpt2*, not --init_from={cfg['init_from']}"),
+            (not 1 <= digits[0] <= digits[1] < digits[2] <= digits[3] <= 9,   # OOD: larger
+             "digit ranges need 1 <= --digits_min <= --digits_max < --ood_digits_min <= "
+             "--ood_digits_max <= 9")):
+        if bad:
+            raise ConfigError(message)
+    return cfg
 
 
-def lock_dir(out_dir):
-    """Hold out_dir/.lock (flock) for this process's life: one run per out_dir at a time. The kernel
-    drops the lock when the process ends, however it ends, so a killed run leaves nothing stuck.
-    The .tmp files of a run killed mid-write go."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        f = open(os.path.join(out_dir, ".lock"), "a+")
-    except OSError as e:   # e.g. a file, or a read-only folder
-        raise ConfigError(f"--out_dir={out_dir}: cannot write here ({e.strerror or e})") from None
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        pid = f.read().strip() or "?"
-        raise ConfigError(f"--out_dir={out_dir}: another run (pid {pid}) is writing here; wait "
-                          f"for it to end, or choose another --out_dir") from None
-    f.truncate(0)
-    f.write(str(os.getpid()))
-    f.flush()
-    for tmp in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp")):
-        os.remove(tmp)
-    return f
-
-
-RUN_FILES = r"ckpt\.pt|log\.jsonl|config\.json|curves\.png"
-
-
-def keep_earlier_run(out_dir, run_files=RUN_FILES):
-    """A fresh run into a used out_dir moves the earlier run's files (run_files, a regex) to
-    out_dir/earlier/N, N = 1, 2, ...: a forgotten --init_from=resume costs nothing, and a later
-    resume never pairs an old checkpoint with a new log. Other files in out_dir stay."""
-    names = [n for n in sorted(os.listdir(out_dir)) if re.fullmatch(run_files, n)]
-    if names:
-        kept = os.path.join(out_dir, "earlier")
-        n = 1 + max([int(d) for d in os.listdir(kept) if d.isdigit()]
-                    if os.path.isdir(kept) else [0])
-        os.makedirs(os.path.join(kept, str(n)))
-        for name in names:
-            os.replace(os.path.join(out_dir, name), os.path.join(kept, str(n), name))
-        print(f"{out_dir}: the earlier run's files are kept in {kept}/{n} (this one starts afresh)")
-
-
-def open_run(cfg, master, resume_step=None):
-    """Rank 0 locks out_dir, keeps an earlier run's files (a fresh run), writes config.json and
-    opens the log: the run's Logger (a silent one on the other ranks)."""
-    if not master:
-        return Logger(None)
-    lock = lock_dir(cfg["out_dir"])
-    try:
-        if resume_step is None:
-            keep_earlier_run(cfg["out_dir"])
-        write_atomic(os.path.join(cfg["out_dir"], "config.json"),
-                     json.dumps(cfg, indent=1).encode())
-        log = Logger(os.path.join(cfg["out_dir"], "log.jsonl"), resume_step)
-    except OSError as e:   # e.g. config.json a folder, "earlier" a file, a full disk
-        raise ConfigError(f"--out_dir={cfg['out_dir']}: cannot write {e.filename} "
-                          f"({e.strerror or e})") from None
-    log.lock = lock   # held as long as the run's Logger
-    return log
-
-
-class Logger:
-    """Every record to log.jsonl, and a line to the console now and then; silent without a path.
-    On resume the records after the checkpoint's step go: those steps run again."""
-
-    def __init__(self, path, resume_step=None):
-        self.path, self.f = path, None
-        if path and resume_step is not None and os.path.exists(path):
-            keep = [json.dumps(r) + "\n" for r in read_records(path) if r["step"] <= resume_step]
-            write_atomic(path, "".join(keep).encode())
-        if path:
-            self.f = open(path, "w" if resume_step is None else "a")
-
-    def record(self, **rec):
-        if self.f:
-            try:
-                self.f.write(json.dumps(rec) + "\n")
-                self.f.flush()
-            except OSError as e:   # a full disk: named (a write's error has no file name)
-                raise OSError(e.errno, e.strerror, self.path) from None
-
-    def print(self, *a):
-        if self.f:
-            print(*a, flush=True)
-
-# -----------------------------------------------------------------------------
-# The end of a run: a summary, curves.png, and for text a few greedy samples.
-
-
-def summary(cfg, seconds, start):
-    """This session's steps and time; the whole run's phase switches by reason, compression
-    share, final eval and curves.png."""
-    train_recs = read_log(cfg["out_dir"], "train", "phase", "ce", "mbe")
-    eval_recs = read_log(cfg["out_dir"], "eval")
-    reasons = [r.get("reason") for r in read_log(cfg["out_dir"], "switch")]
-    compress = sum(r["phase"] == COMPRESS for r in train_recs)
-    print("-" * 72)
-    since = f" from step {start}" if start else ""
-    why = ", ".join(f"{n} {reasons.count(n)}" for n in sorted(set(reasons), key=str))
-    print(f"done: {max(0, cfg['max_iters'] - start)} steps{since} in {seconds:.0f} s | phase "
-          f"switches {len(reasons)}{f' ({why})' if why else ''} | compression "
-          f"{100 * compress / max(1, len(train_recs)):.0f}% of steps")
-    if eval_recs:
-        print("final eval: " + " | ".join(f"{k} {v:.4f}" for k, v in eval_recs[-1].items()
-                                          if isinstance(v, float)))
-    try:
-        plot_run(train_recs, os.path.join(cfg["out_dir"], "curves.png"), cfg["phase_mode"])
-        print(f"figure: {os.path.join(cfg['out_dir'], 'curves.png')}")
-    except ImportError:
-        print("figure skipped: pip install matplotlib")
-
-
-def pyplot():
-    """matplotlib's pyplot on a file-only backend (no display needed), imported when first used."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def phase_spans(steps, phases):
-    """[(start, end)] of each compression phase, for shading: its first step and the step after
-    its last (or the final step)."""
-    spans, start = [], None
-    for s, p in zip(steps, phases):
-        if p == COMPRESS and start is None:
-            start = s
-        if p != COMPRESS and start is not None:
-            spans.append((start, s))
-            start = None
-    if start is not None:
-        spans.append((start, steps[-1]))
-    return spans
-
-
-def plot_run(train_recs, path, phase_mode):
-    """curves.png: training CE and M per step, the compression phases shaded."""
-    plt, steps = pyplot(), [r["step"] for r in train_recs]
-    spans = phase_spans(steps, [r["phase"] for r in train_recs])
-    fig, axes = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
-    layers = "watched" if phase_mode == "memorize" else "compressed"
-    for ax, key, label in zip(axes, ("ce", "mbe"), ("train CE", f"MBE of the {layers} layers")):
-        ax.plot(steps, [r[key] for r in train_recs], lw=0.8)
-        for a, b in spans:   # at least 0.4% of the axis wide: a phase of one step shows
-            ax.axvspan(a, max(b, a + len(steps) / 250), color="tab:orange", alpha=0.3, lw=0)
-        ax.set_ylabel(label)
-    shaded = "shaded: compression phases" if spans else "no compression phase"
-    axes[0].set_title(f"{phase_mode}: CE and MBE (nats) per step ({shaded})")
-    axes[1].set_xlabel("optimizer step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-@torch.no_grad()
-def generate(model, idx, n_new, block_size, temperature=0.0, stop=None):
-    """idx (B, T) continued by up to n_new tokens: the argmax at temperature 0, else a draw from
-    softmax(logits / temperature); done early once every row holds the token stop."""
-    model.eval()
-    for _ in range(n_new):
-        logits = model(idx[:, -block_size:])[0][:, -1].float()          # (B, vocab)
-        nxt = (logits.argmax(-1, keepdim=True) if temperature == 0 else
-               torch.multinomial(F.softmax(logits / temperature, -1), 1))
-        idx = torch.cat([idx, nxt], dim=1)
-        if stop is not None and (idx == stop).any(1).all():
-            break
-    return idx
-
-
-def print_samples(model, prompts, cfg, device):
-    """Greedy continuations of a few val prompts, decoded when the GPT-2 tokenizer is at hand."""
-    idx = generate(model, prompts[:3, : cfg["block_size"] // 2].to(device), 32, cfg["block_size"])
-    try:
-        enc = data.get_tokenizer(cfg["tokenizer_file"] or None)
-        decode = lambda ids: enc.decode([i for i in ids if i < enc.n_vocab])   # noqa: E731
-    except Exception:   # offline and no --tokenizer_file: show ids
-        decode = str
-        print("samples as token ids: no GPT-2 BPE here (pass --tokenizer_file)")
-    for row in idx.tolist():
-        print("sample:", repr(decode(row)))
-
-
-def sample(cfg):
-    """--sample=PROMPT: continue it with out_dir's checkpoint, as nanoGPT's sample.py. Text goes
-    through GPT-2's BPE; an arithmetic problem is typed as "7 x 8", its answer shown in reading
-    order (the model may write it least-significant digit first, --reverse_answer)."""
-    path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    if not os.path.isfile(path):
-        raise ConfigError(f"--sample: no checkpoint at {path} (train one, or name its --out_dir)")
-    ck = read_checkpoint(path)
-    try:
-        c = ck["config"]
-        model = GPT(GPTConfig(**{k: c[k] for k in GPTConfig.__dataclass_fields__}))
-        model.load_state_dict(ck["model"])
-    except Exception as e:
-        raise ConfigError(f"--sample: {path} is damaged ({type(e).__name__})") from None
-    device, ctx, _, _ = setup_device(cfg)
-    torch.manual_seed(cfg["seed"])
-    n = cfg["num_samples"] if cfg["temperature"] > 0 else 1   # greedy: always the same
-    if c["task"] == "text":
-        try:
-            enc = data.get_tokenizer(cfg["tokenizer_file"] or c.get("tokenizer_file") or None)
-        except (data.DataError, data.Unavailable) as e:
-            raise ConfigError(f"--sample: {e}") from None
-        prompt, stop, n_new = enc.encode_ordinary(cfg["sample"]), None, 64
-    else:
-        problem = re.fullmatch(r"\s*(\d{1,9})\s*[x*]\s*(\d{1,9})\s*=?\s*", cfg["sample"])
-        if not problem:
-            raise ConfigError(f"--sample={cfg['sample']!r}: this checkpoint multiplies: give a "
-                              f"problem like '7 x 8'")
-        a, b = (int(v) for v in problem.groups())
-        ids, start = data.arith_ids(a, b, False)
-        prompt, stop, n_new = ids[:start], data.EOS, 2 * len(ids) - 2 * start
-    with ctx:
-        rows = generate(model.to(device), torch.tensor([prompt] * n, device=device), n_new,
-                        c["block_size"], cfg["temperature"], stop)
-    for row in rows[:, len(prompt):].tolist():
-        if c["task"] == "text":
-            print(repr(cfg["sample"] + enc.decode([i for i in row if i < enc.n_vocab])))
-            continue
-        said = data.arith_decode(row).partition("<eos>")[0]
-        flip = c["reverse_answer"] and said.isdigit()   # else not an answer: as written
-        answer = said[::-1] if flip else said
-        print(f"{a} x {b} = {answer}   " + ("right" if answer == str(a * b) else
-                                           f"wrong: {a * b}") + f" (written {said})" * flip)
-
-# -----------------------------------------------------------------------------
-# The command line. Every way a run can end is decided in one place, ending(): bad input is one
-# line and exit 2, a run that fails one line and 1, Ctrl-C or SIGTERM the resume command.
+def check_saved(saved, where, choices=None):   # a config read back from disk, as the flags are
+    return runs.check_saved(saved, where, DEFAULTS, choices or {**CHOICES, "task": tuple(TASKS)},
+                            validate)
 
 
 def main(argv=None, parse=parse_args, run=None, script=__file__):
-    """`python gapt.py`: one run. experiments.py calls it with its own parse and run."""
+    """`python gapt.py`: one run. experiments.py and sample.py call it with their parse and run."""
     argv = sys.argv[1:] if argv is None else argv
-    cfg, term = None, signal.signal(signal.SIGTERM, sigterm)
+    cfg = None
+    handlers = (signal.signal(signal.SIGINT, signal.default_int_handler),
+                signal.signal(signal.SIGTERM, report.sigterm))
     try:
         cfg = parse(argv)
-        (run or (sample if cfg["sample"] else train))(cfg)
+        (run or train)(cfg)
         return 0
     except BaseException as e:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)   # the last line is not cut short
-        code, line = ending(e, cfg, argv, script)
+        code, line = report.ending(e, cfg, argv, script, ConfigError, (TrainingError,
+                                                                      data.DataError))
         if line:
             sys.stderr.write(line + "\n")                # one write: ranks' lines do not mix
         return code
     finally:   # on an error path too: a process group left to the interpreter's exit can abort it
-        signal.signal(signal.SIGTERM, term)
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-def sigterm(signum, frame):   # kill, or torchrun stopping its workers: stop as on Ctrl-C
-    raise KeyboardInterrupt("SIGTERM")
-
-
-def ending(e, cfg, argv, script):
-    """(exit code, the one line to print, or none) for a run that stopped early; anything else,
-    a bug, is raised with its traceback."""
-    rank0 = os.environ.get("RANK", "0") == "0"
-    if isinstance(e, ConfigError):        # the same on every rank: rank 0 says it
-        return 2, rank0 and f"error: {e}"
-    if isinstance(e, KeyboardInterrupt):  # every rank has it: rank 0 says how to go on
-        why = e.args[0] if e.args else "Ctrl-C"
-        return 143 if e.args else 130, rank0 and interrupted(cfg, argv, script, why)
-    if isinstance(e, (TrainingError, data.DataError)):
-        return 1, f"error: {e}"
-    if isinstance(e, OSError):            # a full disk, a file gone; every write is whole or none
-        return 1, f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else "") + \
-            "; what was written before is kept"
-    if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate" in str(e):
-        return 1, (f"error: out of memory ({type(e).__name__}): try a smaller --batch_size, "
-                   f"--block_size or model")
-    timeout = "timed out" in str(e).lower()
-    lost = timeout or isinstance(e, getattr(torch.distributed, "DistError", ())) or \
-        re.search(r"connection|peer|pipe", str(e), re.I)   # gloo's, when a process is gone
-    if "RANK" in os.environ and isinstance(e, RuntimeError) and lost:
-        why = f"no word for --dist_timeout={cfg['dist_timeout']} s" if timeout else "lost contact"
-        return 1, (f"error: rank {os.environ['RANK']}: the other processes stopped answering "
-                   f"({why}: one stalled, died or failed); the last checkpoint, if any, is "
-                   f"{os.path.join(cfg['out_dir'], 'ckpt.pt')}")
-    raise e
-
-
-def interrupted(cfg, argv, script=__file__, why="Ctrl-C"):
-    """The line a stopped run prints: where its last checkpoint is and how to go on from it."""
-    runs = "*_seed*" if cfg and cfg.get("compare") else ""
-    where = cfg and os.path.join(cfg["out_dir"], runs, "ckpt.pt")
-    if not where or cfg.get("bench") or cfg["task"] == "forgetting" or not glob.glob(where):
-        return f"stopped ({why}) before a checkpoint was written: nothing to resume"
-    drop = {i for i, a in enumerate(argv) if a.startswith(("--init_from", "--weights"))}
-    drop |= {i + 1 for i in drop if argv[i] in ("--init_from", "--weights")}   # a spaced value
-    flags = [a for i, a in enumerate(argv) if i not in drop] + ["--init_from=resume"]
-    world, local = os.environ.get("WORLD_SIZE", "1"), os.environ.get("LOCAL_WORLD_SIZE", "1")
-    launch = (["python"] if "RANK" not in os.environ else   # the same processes: an exact resume
-              ["torchrun", "--standalone", f"--nproc_per_node={world}"] if world == local else
-              ["torchrun", "<your launch flags>"])
-    again = shlex.join([*launch, os.path.relpath(script), *flags])
-    return f"stopped ({why}); the last checkpoint is {where}; resume: {again}"
 
 
 if __name__ == "__main__":

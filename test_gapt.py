@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import types
 from contextlib import nullcontext, redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -29,6 +30,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import data
 import experiments
 import gapt
+import report
+import runs
+import sample
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(1)   # the tests' models are tiny: a second thread only waits (2-3x slower on 2 cores)
@@ -57,7 +61,7 @@ def run_exp(*args, env=None):
     return run_gapt(*args, env=env, script=experiments)
 
 
-read_log = gapt.read_log   # records of one kind from a run directory's log.jsonl
+read_log = runs.read_log   # records of one kind from a run directory's log.jsonl
 
 # -----------------------------------------------------------------------------
 # matrix-based entropy
@@ -455,7 +459,7 @@ def test_experiments_alone_names_what_it_runs(capsys):
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, args, msg):
     out = tmp_path / "run"
-    main = experiments.main if any(a.startswith(gapt.EXPERIMENTS) for a in args) else gapt.main
+    main = experiments.main if any(a.startswith(gapt.ELSEWHERE["experiments.py"]) for a in args) else gapt.main
     code, err = main(["--device=cpu", *args, f"--out_dir={out}"]), capsys.readouterr().err   # as a user runs it
     assert code == 2, err
     assert msg in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
@@ -485,7 +489,7 @@ def test_fresh_run_moves_an_earlier_runs_files_aside(tmp_path):
     assert (out / "ckpt.pt").exists()
     r = run_exp("--task=forgetting", "--max_iters=20", f"--out_dir={out}")
     assert r.returncode == 0 and "kept in" in r.stdout and not (out / "ckpt.pt").exists(), r.stderr
-    assert gapt.read_checkpoint(out / "earlier" / "1" / "ckpt.pt")["step"] == 4   # kept, not lost
+    assert runs.read_checkpoint(out / "earlier" / "1" / "ckpt.pt")["step"] == 4   # kept, not lost
     r = run_gapt(*TINY, "--init_from=resume", "--max_iters=6", f"--out_dir={out}")
     assert r.returncode == 2 and "no checkpoint" in r.stderr
 
@@ -576,16 +580,16 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert {t["phase"] for t in straight} == {1, 2}                  # the controller state was resumed too
     assert straight == resumed                                       # same CE, MBE and phase at every step
     assert without_timing(read_log(a, "eval")) == without_timing(read_log(b, "eval"))
-    ck = gapt.read_checkpoint(b / "ckpt.pt")
+    ck = runs.read_checkpoint(b / "ckpt.pt")
     assert ck["step"] == 40 and not any(k.startswith("_orig_mod") for k in ck["model"])
 
 
 def test_resume_drops_log_lines_after_the_checkpoint(tmp_path):
     out = tmp_path / "run"
     assert run_gapt(*STEADY, "--max_iters=10", "--eval_interval=5", f"--out_dir={out}").returncode == 0
-    ck = gapt.read_checkpoint(out / "ckpt.pt")
+    ck = runs.read_checkpoint(out / "ckpt.pt")
     ck["step"] = 5                                                   # as if killed after the step-5 checkpoint
-    gapt.save_checkpoint(str(out / "ckpt.pt"), ck)
+    runs.save_checkpoint(str(out / "ckpt.pt"), ck)
     r = run_gapt(*STEADY, "--max_iters=10", "--eval_interval=5", f"--out_dir={out}", "--init_from=resume")
     assert r.returncode == 0, r.stderr
     assert [t["step"] for t in read_log(out, "train")] == list(range(1, 11))
@@ -640,7 +644,7 @@ def test_ddp_two_cpu_processes_agree_on_phases(tmp_path):
     assert r.stdout.count("done: 30 steps") == 1                     # only rank 0 prints
     phases = [t["phase"] for t in read_log(out, "train")]
     assert len(phases) == 30 and 1 in phases and 2 in phases
-    ck = gapt.read_checkpoint(out / "ckpt.pt")
+    ck = runs.read_checkpoint(out / "ckpt.pt")
     assert len(ck["ranks"]) == 2 and ck["ranks"][0]["data"] != ck["ranks"][1]["data"]
 
 # -----------------------------------------------------------------------------
@@ -776,14 +780,14 @@ def test_text_cli(text_dir):
 def test_rewriting_shards_removes_stale_ones_and_refuses_another_corpus(tmp_path, capsys):
     out = tmp_path / "out"
     (tmp_path / "long.txt").write_text("\n\n".join(corpus(200)))
-    (tmp_path / "short.txt").write_text("hello world\n")
+    (tmp_path / "short.txt").write_text("hello big world\n")
     assert data.main(["text", str(tmp_path / "long.txt"), "--out", str(out), "--shard_size", "500",
                       "--tokenizer_file", tokenizer_file()]) == 0
     assert len(data.find_shards(out, "train")) >= 3
     assert data.main(["text", str(tmp_path / "short.txt"), "--out", str(out), "--tokenizer_file", tokenizer_file()]) == 0
     assert "older shards removed" in capsys.readouterr().out
     assert [Path(p).name for p in data.find_shards(out, "train")] == ["text_train_000001.bin"]
-    assert len(all_tokens(out)) == 3                                # <|endoftext|> hello world, nothing older
+    assert len(all_tokens(out)) == 4                                # <|endoftext|> hello big world, nothing older
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     real_write = data.write_shard
 
@@ -806,15 +810,6 @@ def test_rewriting_shards_removes_stale_ones_and_refuses_another_corpus(tmp_path
     one_line_error(2, capsys.readouterr().err, 2, "cannot make this folder")
     code, _, err = run_data("text", tmp_path / "short.txt", "--shard_size", "abc")
     one_line_error(code, err, 2, "--shard_size")
-
-
-@pytest.mark.parametrize("val_fraction, split", [("0.1", (1, 2)), ("0.9", (2, 1))])
-def test_small_corpus_makes_val_and_train(tmp_path, val_fraction, split):
-    (tmp_path / "tiny.txt").write_text("hello world\n")             # 3 tokens: <|endoftext|> hello world
-    assert data.main(["text", str(tmp_path / "tiny.txt"), "--out", str(tmp_path / "out"),
-                      "--val_fraction", val_fraction, "--tokenizer_file", tokenizer_file()]) == 0
-    shards = data.find_shards(tmp_path / "out", "val") + data.find_shards(tmp_path / "out", "train")
-    assert tuple(len(data.read_shard(p)) for p in shards) == split
 
 
 def test_token_shards_batches(text_dir):
@@ -888,7 +883,7 @@ def test_fineweb_local(tmp_path, kind):
     assert data.main(["fineweb", "--local", str(path), "--shards", "2", "--shard_size", "100",
                       "--out", str(out_dir), "--tokenizer_file", tokenizer_file()]) == 0
     assert sorted(os.listdir(out_dir)) == ["fineweb_train_000001.bin", "fineweb_train_000002.bin",
-                                           "fineweb_val_000000.bin"]   # --shards 2 stops at 2 full ones
+                                           "fineweb_val_000000.bin", "gpt2.tiktoken"]   # its tokenizer   # --shards 2 stops at 2 full ones
     tokens = all_tokens(out_dir)
     enc = data.get_tokenizer(tokenizer_file())
     assert len(tokens) == 300 and tokens[0] == 50256
@@ -1080,7 +1075,7 @@ def test_compression_lowers_the_hidden_layer_mbe(tmp_path):
     for mode in ("memorize", "compress"):   # same init and data; only the loss differs
         torch.manual_seed(0)
         cfg = dict(gapt.DEFAULTS, phase_mode=mode, max_iters=30, learning_rate=1e-2, mbe_weight=10.0)
-        experiments.fit_task(experiments.Student(10, 50), d["xa"], d["ya"], cfg, gapt.Logger(str(tmp_path / "log.jsonl")), "A", 0)
+        experiments.fit_task(experiments.Student(10, 50), d["xa"], d["ya"], cfg, runs.Logger(str(tmp_path / "log.jsonl")), "A", 0)
         last[mode] = read_log(tmp_path, "train")[-1]["mbe"]
     assert last["compress"] < 0.5 * last["memorize"]
 
@@ -1357,14 +1352,15 @@ def test_compare_table_differences_are_from_the_first_arm_and_paired_by_seed(tmp
             Path(out, "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     table = json.loads(json.dumps(experiments.compare_table(dirs)))   # as results.json holds it
     assert table["memorize"] == {"separation": [2.5, pytest.approx(1.2910, abs=1e-4)],
-                                 "loss": [0.5, 0.0], "compressing": [0.0, 0.0]}   # no train records
+                                 "loss": [0.5, 0.0], "compressing": [0.0, 0.0],   # no train records
+                                 "cycles": [0.0, 0.0]}
     vs = table["gapt"]["vs_memorize"]["separation"]                     # differences 1, 2, 3, 4
     assert vs["diff"] == 2.5 and vs["ci95"] == pytest.approx([0.4458, 4.5542], abs=1e-4)
     assert table["gapt"]["vs_memorize"]["loss"] == {"diff": 0.0, "ci95": [0.0, 0.0]}
     vs = table["compress"]["vs_memorize"]["separation"]   # from memorize, not gapt
     assert vs == {"diff": 2.0, "ci95": [2.0, 2.0]}
     out = capsys.readouterr().out
-    assert "| arm, final - memorize, final: mean [95% t interval] | separation | loss | compressing |" in out
+    assert "| arm, final - memorize, final: mean [95% t interval] | separation | loss | compressing | cycles |" in out
     assert "| gapt (paired) | +2.5000 [+0.4457, +4.5543] | +0.0000 [+0.0000, +0.0000] |" in out
     assert "gapt never compressed: its intervals compare the baseline with itself" in out
 
@@ -1379,7 +1375,7 @@ def test_compare_writes_each_arms_paired_differences_to_results_json(tmp_path):
     assert "| arm, final - memorize, final: mean [95% t interval] |" in r.stdout
     final = {a: [read_log(out / f"{a}_seed{s}", "eval")[-1] for s in range(3)] for a in table}
     for k, d in table["gapt"]["vs_memorize"].items():
-        if k == "compressing":                                # a share of the steps, not an eval
+        if k in ("compressing", "cycles"):                    # from the train records, not an eval
             continue
         diffs = [g[k] - m[k] for g, m in zip(final["gapt"], final["memorize"])]
         half = 4.3027 * np.std(diffs, ddof=1) / math.sqrt(3)   # t_{0.975, 2} = 4.3027
@@ -1401,11 +1397,11 @@ def small_run(out, *args, capsys=None):
 
 def test_a_locked_out_dir_refuses_a_second_run_and_a_killed_holder_frees_it(tmp_path, capsys):
     out = tmp_path / "run"
-    held = gapt.lock_dir(str(out))                    # as a run in progress holds it
+    held = runs.lock_dir(str(out))                    # as a run in progress holds it
     one_line_error(*small_run(out, capsys=capsys), 2, "another run", str(os.getpid()))
     assert os.listdir(out) == [".lock"]              # nothing written
     held.close()
-    hold = f"import gapt, time\ngapt.lock_dir({str(out)!r})\nprint('locked', flush=1)\ntime.sleep(99)"
+    hold = f"import runs, time\nruns.lock_dir({str(out)!r})\nprint('locked', flush=1)\ntime.sleep(99)"
     child = subprocess.Popen([sys.executable, "-c", hold], cwd=HERE, stdout=subprocess.PIPE,
                              text=True)
     assert child.stdout.readline() == "locked\n"
@@ -1463,10 +1459,10 @@ def test_an_out_dir_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeyp
         if str(path).startswith(str(out)) and mode[0] in "wa":
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, mode, *a, **k)
-    monkeypatch.setattr(gapt, "open", read_only, raising=False)
+    monkeypatch.setattr(runs, "open", read_only, raising=False)
     for resume in ("scratch", "resume"):
         one_line_error(*small_run(out, f"--init_from={resume}", capsys=capsys), 2, "cannot write")
-    assert gapt.read_checkpoint(out / "ckpt.pt")["step"] == 4
+    assert runs.read_checkpoint(out / "ckpt.pt")["step"] == 4
 
 
 def test_config_json_folder_and_a_stray_tmp_on_resume(tmp_path, capsys):
@@ -1483,7 +1479,7 @@ def test_config_json_folder_and_a_stray_tmp_on_resume(tmp_path, capsys):
 
 def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_no_tmp(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    gapt.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+    runs.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
     real_open = open
 
     class Full:                                       # writes 10 bytes, then the disk is full
@@ -1499,12 +1495,12 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_no_tmp(tmp_
         def write(self, b):
             self.f.write(bytes(b)[:10])
             raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(gapt, "open", lambda p, m="r": Full(real_open(p, m)), raising=False)
+    monkeypatch.setattr(runs, "open", lambda p, m="r": Full(real_open(p, m)), raising=False)
     with pytest.raises(OSError, match="No space left on device") as e:
-        gapt.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+        runs.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
     monkeypatch.undo()
     assert e.value.filename == path                                   # named, for main's one line
-    assert os.listdir(tmp_path) == ["ckpt.pt"] and gapt.read_checkpoint(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and runs.read_checkpoint(path, ("step",))["step"] == 1
 
 
 def test_values_that_would_crash_later_are_one_line(capsys):
@@ -1517,17 +1513,22 @@ def test_resume_names_overridden_flags_and_refuses_a_max_iters_below_its_step(tm
     out = tmp_path / "run"
     assert small_run(out)[0] == 0
     capsys.readouterr()
-    assert small_run(out, "--init_from=resume", "--seed=5", "--n_layer=2")[0] == 0
+    for flag in ("--seed=5", "--n_layer=2"):                        # the model and its data: refused
+        code, err = small_run(out, "--init_from=resume", flag, capsys=capsys)
+        one_line_error(code, err, 2, flag, "cannot change on resume")
+    assert small_run(out, "--init_from=resume", "--learning_rate=0.002")[0] == 0
     said = capsys.readouterr().out
-    assert "--seed=5 (now 1337)" in said and "--n_layer=2 (now 3)" in said
-    assert "nothing to train" in said
+    assert "resume: --learning_rate=0.002 replaces the run's 0.001" in said
+    assert "nothing to train" in said                                # its --max_iters, not the default
     code, err = small_run(out, "--init_from=resume", "--max_iters=3", capsys=capsys)
     one_line_error(code, err, 2, "step 4")
-    ck = gapt.read_checkpoint(out / "ckpt.pt")                      # as saved before --arith_layout
+    ck = runs.read_checkpoint(out / "ckpt.pt")                      # as saved before --arith_layout
     del ck["config"]["arith_layout"], ck["config"]["arith_loss"]
     torch.save(ck, out / "ckpt.pt")
-    assert small_run(out, "--init_from=resume", "--max_iters=6", "--arith_layout=packed")[0] == 0
-    assert "--arith_layout=packed (now padded)" in capsys.readouterr().out
+    code, err = small_run(out, "--init_from=resume", "--max_iters=6", "--arith_layout=packed",
+                          capsys=capsys)
+    one_line_error(code, err, 2, "--arith_layout=packed", "was trained with --arith_layout=padded")
+    assert small_run(out, "--init_from=resume", "--max_iters=6")[0] == 0
 
 
 def test_the_schedule_never_rises_above_the_learning_rate():
@@ -1590,7 +1591,7 @@ def test_ctrl_c_is_one_line_with_the_resume_command_and_exit_130(tmp_path):
     assert p.returncode == 130 and err.count("\n") == 1 and err.startswith("stopped (Ctrl-C)"), err
     assert f"the last checkpoint is {out / 'ckpt.pt'}" in err
     assert err.strip().endswith(f"--out_dir={out} --init_from=resume")
-    assert gapt.read_checkpoint(out / "ckpt.pt")["step"] >= 2 and not (out / "ckpt.pt.tmp").exists()
+    assert runs.read_checkpoint(out / "ckpt.pt")["step"] >= 2 and not (out / "ckpt.pt.tmp").exists()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGSTOP, signal.SIGKILL])
@@ -1633,7 +1634,8 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest(monkeypatch):
     in_adamw = {name[id(p)] for g in adamw.param_groups for p in g["params"]}
     assert in_adamw.isdisjoint(in_muon) and len(in_adamw) + len(in_muon) == len(name)
     assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight"} <= in_adamw
-    assert "Muon (lr 0.02, weight decay 0," in gapt.describe(opt) and "AdamW (lr 0.001" in gapt.describe(opt)
+    said = report.opening(cfg, {}, "cpu", 1, 0, opt, 64 * cfg["block_size"])
+    assert "Muon (lr 0.02, weight decay 0," in said and "AdamW (lr 0.001" in said
     monkeypatch.delattr(torch.optim, "Muon")                         # as on torch < 2.9
     with pytest.raises(gapt.ConfigError, match=r"needs torch >= 2.9"):
         gapt.make_optimizer(model, cfg, torch.device("cpu"))
@@ -1648,7 +1650,7 @@ def test_resume_with_muon_reproduces_uninterrupted_run(tmp_path):
     assert r.returncode == 0, r.stderr
     straight, resumed = without_timing(read_log(a, "train")), without_timing(read_log(b, "train"))
     assert len(straight) == 20 and {t["phase"] for t in straight} == {1, 2} and straight == resumed
-    muon, adamw = gapt.read_checkpoint(b / "ckpt.pt")["optimizer"]
+    muon, adamw = runs.read_checkpoint(b / "ckpt.pt")["optimizer"]
     assert len(muon["state"]) == 3 * 4 and adamw["state"]           # both optimizers' states were saved
     assert muon["param_groups"][0]["lr"] == pytest.approx(0.01)      # its own peak, not AdamW's 3e-3
 
@@ -1664,10 +1666,11 @@ def test_grad_scaler_skips_and_unscales_muon_and_adamw_together(tmp_path):
         gapt.update(model, opt, scaler, cfg, torch.tensor([1.0, 0.5, 1.0]))
         assert [not torch.equal(a, p) for a, p in zip(before, model.parameters())] == [moves] * len(before)
     assert scaler.get_scale() == 512.0                               # halved once, for the overflow
-    gapt.save_checkpoint(str(tmp_path / "ckpt.pt"), {"model": {}, "optimizer": {}, "gapt": {}, "scaler": {},
+    runs.save_checkpoint(str(tmp_path / "ckpt.pt"), {"model": {}, "optimizer": {}, "gapt": {}, "scaler": {},
                                                      "step": 1, "config": cfg, "ranks": []})
     with pytest.raises(gapt.ConfigError, match="trained with --optimizer=muon"):
-        gapt.load_checkpoint(dict(cfg, optimizer="adamw", out_dir=str(tmp_path)), True)
+        runs.load_checkpoint(dict(cfg, optimizer="adamw", out_dir=str(tmp_path), given=["optimizer"]),
+                             gapt.check_saved, gapt.DEFAULTS, gapt.FIXED, True)
 
 
 def save_tiny_gpt2(path, safetensors=True):
@@ -1687,7 +1690,7 @@ def test_gpt2_weights_give_the_logits_of_transformers(tmp_path, safetensors):
     hf = save_tiny_gpt2(tmp_path, safetensors)
     assert (tmp_path / ("model.safetensors" if safetensors else "pytorch_model.bin")).is_file()
     cfg = dict(gapt.DEFAULTS, task="text", init_from="gpt2", weights=str(tmp_path), block_size=64)
-    sd = gapt.load_gpt2(cfg)
+    sd = runs.read_gpt2(cfg)
     assert (cfg["n_layer"], cfg["n_head"], cfg["n_embd"]) == (2, 2, 64)   # from the weights and config.json
     model = gapt.build(gapt.resolve(cfg), torch.device("cpu"), sd)[0].eval()
     x, y = torch.randint(50257, (2, 2, 64))
@@ -1698,9 +1701,9 @@ def test_gpt2_weights_give_the_logits_of_transformers(tmp_path, safetensors):
     assert ce.item() == pytest.approx(torch.nn.functional.cross_entropy(theirs.flatten(0, 1), y.flatten()).item(),
                                       abs=1e-4)                     # the same CE as transformers
     with pytest.raises(gapt.ConfigError, match="64 positions"):      # a context longer than GPT-2's
-        gapt.build(gapt.resolve(dict(cfg, block_size=128)), torch.device("cpu"), sd)
+        runs.read_gpt2(dict(cfg, n_layer=0, n_head=0, n_embd=0, block_size=128))
     default = dict(gapt.DEFAULTS, task="text", init_from="gpt2", weights=str(tmp_path))
-    gapt.load_gpt2(default)
+    runs.read_gpt2(default)
     assert gapt.resolve(default)["block_size"] == 64                # no --block_size: the weights' positions
 
 
@@ -1713,7 +1716,7 @@ def test_gapt_continues_from_gpt2_weights_and_resumes(text_dir, tmp_path):
             f"--tokenizer_file={tokenizer_file()}", f"--out_dir={out}"]
     r = run_gapt(*args, "--max_iters=6", "--init_from=gpt2", f"--weights={tmp_path / 'hf'}")
     assert r.returncode == 0, r.stderr
-    ck = gapt.read_checkpoint(out / "ckpt.pt")
+    ck = runs.read_checkpoint(out / "ckpt.pt")
     assert (ck["config"]["n_layer"], ck["config"]["n_embd"], ck["config"]["vocab_real"]) == (2, 64, 50257)
     wpe = hf.transformer.wpe.weight[:16].detach()                    # warmup: 6 steps move it < 1e-3
     assert (ck["model"]["transformer.wpe.weight"] - wpe).abs().max() < 1e-3
@@ -1736,15 +1739,15 @@ def test_a_resumed_comparison_starts_its_missing_arms_as_the_others(text_dir, tm
     r = run_exp(*args, "--init_from=resume")                           # Ctrl-C's line, less --data_dir
     assert r.returncode == 0, r.stderr
     for arm in ("memorize", "gapt"):
-        c = gapt.read_checkpoint(out / f"{arm}_seed0" / "ckpt.pt")["config"]
+        c = runs.read_checkpoint(out / f"{arm}_seed0" / "ckpt.pt")["config"]
         assert (c["n_layer"], c["n_embd"], c["val_tokens"], c["data_dir"]) == (2, 64, 64, str(shards))
-    assert gapt.read_checkpoint(out / "gapt_seed0" / "ckpt.pt")["config"]["init_from"] == "gpt2"
+    assert runs.read_checkpoint(out / "gapt_seed0" / "ckpt.pt")["config"]["init_from"] == "gpt2"
     (out / "config.json").write_text('{"task": "te')                 # torn
     r = run_exp(*args, "--init_from=resume")
     assert r.returncode == 2 and "config.json is damaged" in r.stderr, r.stderr
 
 
-def test_gpt2_weights_that_cannot_load_are_one_line_errors(tmp_path, monkeypatch):
+def test_gpt2_weights_that_cannot_load_are_one_line_errors(tmp_path, monkeypatch, capsys):
     hf = tmp_path / "hf"
     save_tiny_gpt2(hf)
     (hf / "config.json").unlink()                                    # n_head: by name, and it is not gpt2-xl
@@ -1756,9 +1759,11 @@ def test_gpt2_weights_that_cannot_load_are_one_line_errors(tmp_path, monkeypatch
                                ("gpt2", tmp_path / "none", "no such file"),
                                ("gpt2-xl", hf / "model.safetensors", "gives n_head")):
         with pytest.raises(gapt.ConfigError, match=msg):
-            gapt.load_gpt2(dict(gapt.DEFAULTS, task="text", init_from=init, weights=str(weights)))
-    with pytest.raises(gapt.ConfigError, match="needs --task=text"):
-        gapt.load_gpt2(dict(gapt.DEFAULTS, init_from="gpt2", weights=str(hf)))
+            runs.read_gpt2(dict(gapt.DEFAULTS, task="text", init_from=init, weights=str(weights)))
+    capsys.readouterr()                                              # transformers' progress bars
+    code = gapt.main(["--device=cpu", "--init_from=gpt2", f"--weights={hf}",
+                      f"--out_dir={tmp_path / 'arith'}"])
+    one_line_error(code, capsys.readouterr().err, 2, "needs --task=text")
     env = dict(os.environ, HF_HUB_OFFLINE="1")                       # no network: the download fails
     for flags, msg in (([f"--weights={bad}"], "not a GPT-2 checkpoint"),   # as the user sees them
                        ([], "--weights=PATH to a local copy")):            # or: not installed
@@ -1767,7 +1772,7 @@ def test_gpt2_weights_that_cannot_load_are_one_line_errors(tmp_path, monkeypatch
         assert not (tmp_path / "run").exists()
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)        # not installed
     with pytest.raises(gapt.ConfigError, match="pip install huggingface_hub"):
-        gapt.gpt2_file("gpt2", "")
+        runs.gpt2_file("gpt2", "")
 
 # -----------------------------------------------------------------------------
 # review fixes: a resumed optimizer's fused flag, rank 0's errors under torchrun, the resume line
@@ -1788,7 +1793,7 @@ def test_update_follows_the_loaded_groups_fused_flag():
 def test_rank_zero_lock_error_stops_every_torchrun_process(tmp_path):
     # only rank 0 takes the lock; the other rank must not wait for it in a collective
     out = tmp_path / "run"
-    held = gapt.lock_dir(str(out))
+    held = runs.lock_dir(str(out))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(HERE, "gapt.py"), "--device=cpu", *TINY, "--max_iters=4", "--dist_timeout=60",
            f"--out_dir={out}"]
@@ -1801,11 +1806,11 @@ def test_rank_zero_lock_error_stops_every_torchrun_process(tmp_path):
 def test_ctrl_c_resume_line_drops_a_spaced_init_from_and_bench_has_none(tmp_path):
     argv = ["--task", "text", "--init_from", "gpt2", "--weights", "w.bin", f"--out_dir={tmp_path}"]
     cfg = gapt.parse_args(argv)
-    assert "nothing to resume" in gapt.interrupted(cfg, argv)          # no checkpoint yet
+    assert "nothing to resume" in report.interrupted(cfg, argv)          # no checkpoint yet
     (tmp_path / "ckpt.pt").write_bytes(b"")
-    line = gapt.interrupted(cfg, argv)
+    line = report.interrupted(cfg, argv)
     assert line.endswith(f"--task text --out_dir={tmp_path} --init_from=resume") and "gpt2" not in line
-    assert "nothing to resume" in gapt.interrupted(experiments.parse_args(["--bench"]), ["--bench"])
+    assert "nothing to resume" in report.interrupted(experiments.parse_args(["--bench"]), ["--bench"])
 
 
 def test_under_torchrun_ctrl_c_names_torchrun_and_bad_input_is_said_once(monkeypatch, capsys, tmp_path):
@@ -1815,7 +1820,7 @@ def test_under_torchrun_ctrl_c_names_torchrun_and_bad_input_is_said_once(monkeyp
     monkeypatch.chdir(tmp_path)
     os.makedirs("out")
     open("out/ckpt.pt", "w").close()
-    line = gapt.interrupted(gapt.parse_args([]), [])       # a python resume would halve the batch
+    line = report.interrupted(gapt.parse_args([]), [])       # a python resume would halve the batch
     assert f"resume: torchrun --standalone --nproc_per_node=2 {os.path.relpath(gapt.__file__)} --init_from=resume" in line
     assert gapt.main(["--bogus=1"]) == 2 and capsys.readouterr().err == ""   # rank 0 says it
     for args in (["--task=forgetting"], ["--bench", "--init_from=gpt2"]):      # one process only
@@ -1919,8 +1924,7 @@ def test_packed_run_trains_and_resumes_in_its_layout(tmp_path):
     assert ev["step"] == 10 and 0 < ev["id_ce"] < 5 and 0 <= ev["ood_acc"] <= 1
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["block_size"] == 32 and cfg["arith_loss"] == "all"
-    r = run_gapt("--init_from=resume", "--arith_layout=padded", "--max_iters=12", "--batch_size=16",
-                 "--n_eval=64", f"--out_dir={out}")
+    r = run_gapt("--init_from=resume", "--max_iters=12", f"--out_dir={out}")   # no layout flag
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "config.json").read_text())["arith_layout"] == "packed"
 
@@ -1980,11 +1984,13 @@ def test_update_skips_a_non_finite_step_on_the_host_path(stats, grad):
 def test_save_refuses_non_finite_weights(tmp_path, capsys):
     loader = types.SimpleNamespace(state_dict=lambda: {})
     state = {"model": {"w": torch.tensor([1.0, float("nan")])}, "step": 7}
-    gapt.save({"out_dir": str(tmp_path)}, loader, False, 1, True, state)
+    gapt.save(types.SimpleNamespace(cfg={"out_dir": str(tmp_path)}, loader=loader, ddp=False, world=1,
+                                    master=True), state, False)
     assert not (tmp_path / "ckpt.pt").exists() and "non-finite weights" in capsys.readouterr().out
     state["model"]["w"][1] = 2.0
-    gapt.save({"out_dir": str(tmp_path)}, loader, False, 1, True, state)
-    assert gapt.read_checkpoint(tmp_path / "ckpt.pt")["step"] == 7
+    gapt.save(types.SimpleNamespace(cfg={"out_dir": str(tmp_path)}, loader=loader, ddp=False, world=1,
+                                    master=True), state, False)
+    assert runs.read_checkpoint(tmp_path / "ckpt.pt", ("step",))["step"] == 7
 
 
 def test_a_good_step_resets_the_bad_count_and_skips_never_reach_the_controller(tmp_path, monkeypatch):
@@ -2144,7 +2150,7 @@ def test_resume_on_a_full_disk_names_the_log_and_leaves_no_tmp(tmp_path, capsys,
 
         def write(self, b):
             raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(gapt, "open", lambda p, m="r", *a, **k: Full(real_open(p, m)) if str(p).endswith("log.jsonl.tmp")
+    monkeypatch.setattr(runs, "open", lambda p, m="r", *a, **k: Full(real_open(p, m)) if str(p).endswith("log.jsonl.tmp")
                         else real_open(p, m, *a, **k), raising=False)
     code, err = small_run(out, "--init_from=resume", "--max_iters=6", capsys=capsys)
     one_line_error(code, err, 2, "log.jsonl", "No space left")       # was "cannot write None"
@@ -2195,9 +2201,9 @@ def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
 def test_a_checkpoint_whose_config_is_not_a_dict_is_damaged(tmp_path, capsys):
     out = tmp_path / "run"
     assert small_run(out)[0] == 0
-    ck = gapt.read_checkpoint(out / "ckpt.pt")
+    ck = runs.read_checkpoint(out / "ckpt.pt")
     for bad in ("not a dict", [1, 2]):                                # a valid checksum all the same
-        gapt.save_checkpoint(str(out / "ckpt.pt"), dict(ck, config=bad))
+        runs.save_checkpoint(str(out / "ckpt.pt"), dict(ck, config=bad))
         one_line_error(*small_run(out, "--init_from=resume", capsys=capsys), 2, "damaged")
 
 # -----------------------------------------------------------------------------
@@ -2245,32 +2251,37 @@ def test_sampling_an_arithmetic_checkpoint_shows_the_answer_in_reading_order(tmp
     assert small_run(out)[0] == 0
     capsys.readouterr()
     said = [data.ARITH_STOI[c] for c in "65"] + [data.EOS]                 # 56, least-significant digit first
-    monkeypatch.setattr(gapt, "generate", lambda m, idx, *a, **k: torch.cat(
+    monkeypatch.setattr(gapt.GPT, "generate", lambda m, idx, *a, **k: torch.cat(
         [idx, torch.tensor([said] * len(idx))], 1))
-    assert gapt.main(["--device=cpu", f"--out_dir={out}", "--sample= 7x8 ="]) == 0
+    assert sample.main(["--device=cpu", f"--out_dir={out}", "--start= 7x8 ="]) == 0
     assert capsys.readouterr().out == "7 x 8 = 56   right (written 65)\n"
     monkeypatch.undo()
-    assert gapt.main(["--device=cpu", f"--out_dir={out}", "--sample=7 x 8", "--temperature=1",
-                      "--num_samples=4"]) == 0
+    assert sample.main(["--device=cpu", f"--out_dir={out}", "--start=7 x 8", "--temperature=1",
+                        "--num_samples=4", "--top_k=3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 4 and all(re.fullmatch(r"7 x 8 = .* +(right|wrong: 56)( \(written \d+\))?", l)
                                    for l in lines), lines
-    code = gapt.main(["--device=cpu", f"--out_dir={out}", "--sample=hello"])
+    assert sample.main(["--device=cpu", f"--out_dir={out}", "--ckpt=best"]) == 0     # the run's examples
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(re.fullmatch(r"\d+ x \d+ = .*(right|wrong: \d+).*", l) for l in lines)
+    code = sample.main(["--device=cpu", f"--out_dir={out}", "--start=hello"])
     one_line_error(code, capsys.readouterr().err, 2, "like '7 x 8'")
-    code = gapt.main(["--device=cpu", f"--out_dir={tmp_path / 'none'}", "--sample=7 x 8"])
+    code = sample.main(["--device=cpu", f"--out_dir={tmp_path / 'none'}", "--start=7 x 8"])
     one_line_error(code, capsys.readouterr().err, 2, "no checkpoint")
+    code = gapt.main(["--device=cpu", f"--out_dir={out}", "--sample=7 x 8"])   # moved: named
+    one_line_error(code, capsys.readouterr().err, 2, "python sample.py", "'--start=7 x 8'")
 
 
 def test_generate_is_greedy_at_temperature_zero_and_stops_at_the_stop_token():
     model = tiny_gpt(T=16, vocab=16).eval()
     idx = torch.randint(16, (2, 3))
-    out = gapt.generate(model, idx, 5, 16)
+    out = model.generate(idx, 5)
     want = idx
     for _ in range(5):
         want = torch.cat([want, model(want)[0][:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, want)
     first = int(want[0, 3])
-    stopped = gapt.generate(model, idx[:1], 5, 16, stop=first)
+    stopped = model.generate(idx[:1], 5, stop=first)
     assert stopped.shape == (1, 4)                                        # done at the stop token
 
 
@@ -2281,8 +2292,8 @@ def test_sampling_a_text_checkpoint_continues_the_prompt(text_dir, tmp_path, cap
                       "--n_embd=16", "--block_size=16", "--batch_size=4", "--val_tokens=64", "--max_iters=2",
                       f"--tokenizer_file={tokenizer_file()}", f"--out_dir={out}"]) == 0
     capsys.readouterr()
-    assert gapt.main(["--device=cpu", f"--out_dir={out}", "--sample=The model", "--temperature=0.8",
-                      "--num_samples=2"]) == 0
+    assert sample.main(["--device=cpu", f"--out_dir={out}", "--start=The model", "--temperature=0.8",
+                        "--num_samples=2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and all(l.startswith("'The model") for l in lines)
 
@@ -2353,3 +2364,592 @@ def test_selection_on_the_test_set_is_each_runs_eval_of_lowest_ood_ce(tmp_path, 
     assert table["gapt"]["compressing"][0] == 1.0 and table["memorize"]["compressing"][0] == 0.0
     out = capsys.readouterr().out
     assert "Selected on the test set" in out and "optimistic" in out and "(steps 1-3)" in out
+
+# -----------------------------------------------------------------------------
+# issue 28: the method end to end through gapt.main, a new task in one place, a new controller field
+
+
+def test_compress_lowers_the_training_mbe_far_below_memorize_on_the_same_seed(tmp_path):
+    last = {}
+    for mode in ("memorize", "compress"):
+        r = run_gapt(*TINY, "--max_iters=30", "--eval_interval=0", f"--phase_mode={mode}",
+                     f"--out_dir={tmp_path / mode}")
+        assert r.returncode == 0, r.stderr
+        last[mode] = np.mean([t["mbe"] for t in read_log(tmp_path / mode, "train")[-5:]])
+    assert last["compress"] < 0.5 * last["memorize"], last       # GAPT that never compresses fails
+
+
+def test_mbe_weight_zero_is_memorize_and_two_differs_from_one(tmp_path):
+    ces = {}
+    for name, flags in (("memorize", ["--phase_mode=memorize"]),
+                        ("w0", ["--phase_mode=compress", "--mbe_weight=0"]),
+                        ("w1", ["--phase_mode=compress", "--mbe_weight=1"]),
+                        ("w2", ["--phase_mode=compress", "--mbe_weight=2"])):
+        r = run_gapt(*TINY, "--max_iters=8", "--eval_interval=0", *flags, f"--out_dir={tmp_path / name}")
+        assert r.returncode == 0, r.stderr
+        ces[name] = [t["ce"] for t in read_log(tmp_path / name, "train")]
+    assert ces["w0"] == pytest.approx(ces["memorize"], rel=1e-5)      # the weight reaches the loss
+    assert ces["w2"][2:] != pytest.approx(ces["w1"][2:], rel=1e-4)
+
+
+def test_inner_regularises_exactly_layers_1_to_n_minus_2(tmp_path):
+    out = tmp_path / "run"
+    r = run_gapt("--n_layer=5", "--n_head=2", "--n_embd=32", "--batch_size=16", "--max_iters=1",
+                 "--eval_interval=0", "--phase_mode=compress", f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr
+    cfg = gapt.resolve(gapt.parse_args(["--n_layer=5", "--n_head=2", "--n_embd=32", "--batch_size=16"]))
+    loader, _ = gapt.make_data(cfg, 0, 1)
+    model, _ = gapt.build(cfg, torch.device("cpu"))
+    x, y = loader.batch(16)                                          # step 1's batch and weights
+    per_layer = gapt.layer_mbe(model(x, y)[2], range(5), cfg["patch_size"])
+    logged = read_log(out, "train")[0]["mbe"]
+    assert logged == pytest.approx(per_layer[1:4].mean().item(), rel=1e-5)   # M: layers 1, 2, 3
+    assert logged != pytest.approx(per_layer.mean().item(), rel=1e-3)
+
+
+def test_the_schedule_is_cosine_in_its_middle():
+    cfg = dict(gapt.DEFAULTS, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, max_iters=1100)
+    assert gapt.get_lr(600, cfg) == pytest.approx(0.55e-3)              # halfway: the mean of the two
+    assert gapt.get_lr(350, cfg) == pytest.approx(1e-4 + 0.9e-3 * (1 + math.cos(math.pi / 4)) / 2)
+
+
+def test_gradient_alignment_is_plus_one_for_the_same_objective_and_minus_one_for_its_opposite(monkeypatch):
+    class Toy(torch.nn.Module):        # CE = |w|^2, and M the same (or its negative) of the one layer
+        def __init__(self):
+            super().__init__()
+            self.transformer = torch.nn.ModuleDict({"h": torch.nn.ModuleList([torch.nn.Linear(3, 3)])})
+
+        def forward(self, x, y):
+            w = self.transformer.h[0].weight
+            return None, w.square().sum(), [w[None]]
+    cfg = {"layers": [0], "patch_size": 3, "n_layer": 1}
+    for sign in (1.0, -1.0):
+        monkeypatch.setattr(gapt, "layer_mbe", lambda hs, layers, p, s=sign: s * hs[0].square().sum()[None])
+        cos, per_layer = gapt.grad_alignment(Toy(), None, None, cfg)
+        assert cos == pytest.approx(sign) and per_layer == [pytest.approx(sign)]
+
+
+def test_a_new_task_is_one_entry_in_tasks(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(gapt.TASKS, "times", gapt.TASKS["arithmetic"])   # a fork's new task, as a copy
+    out = tmp_path / "run"
+    assert gapt.main([*FAST, "--task=times", "--max_iters=4", f"--out_dir={out}"]) == 0
+    assert read_log(out, "eval")[-1]["step"] == 4 and (out / "curves.png").exists()
+    assert "sample: " in capsys.readouterr().out                      # the run's end samples it too
+    assert sample.main(["--device=cpu", f"--out_dir={out}", "--start=3 x 4"]) == 0
+    assert re.match(r"3 x 4 = .*(right|wrong: 12)", capsys.readouterr().out)
+    cmp = tmp_path / "cmp"
+    assert experiments.main([*FAST, "--task=times", "--max_iters=2", "--seeds=1", f"--out_dir={cmp}",
+                             "--compare=memorize,gapt"]) == 0
+    assert (cmp / "times.png").exists() and (cmp / "phases.png").exists()
+    assert sorted(json.loads((cmp / "results.json").read_text())) == ["gapt", "memorize"]
+    assert experiments.main([*FAST, "--task=times", "--max_iters=2", "--seeds=1", f"--out_dir={cmp}",
+                             "--compare=memorize"]) == 0              # a fresh one moves every figure
+    assert (cmp / "earlier" / "1" / "times.png").exists()
+
+
+def test_a_new_controller_field_is_saved_and_resumed_without_a_second_edit(tmp_path, monkeypatch):
+    class Counting(gapt.GAPT):                                       # a fork's new rule, say an EMA
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.seen = 0
+
+        def step(self, ce, mbe):
+            self.seen += 1
+            return super().step(ce, mbe)
+    monkeypatch.setattr(gapt, "GAPT", Counting)
+    out = tmp_path / "run"
+    assert small_run(out)[0] == 0
+    assert runs.read_checkpoint(out / "ckpt.pt")["gapt"]["seen"] == 4
+    assert small_run(out, "--init_from=resume", "--max_iters=6")[0] == 0
+    assert runs.read_checkpoint(out / "ckpt.pt")["gapt"]["seen"] == 6   # 4 restored, then 2 more
+
+# -----------------------------------------------------------------------------
+# issue 31: the smoothed controller (--gapt_ema), a variant
+
+
+def test_the_smoothed_controller_ignores_a_one_step_spike_the_plain_one_switches_on():
+    plain, smooth = gapt.GAPT(p_m=2, tau=0.1), gapt.GAPT(p_m=2, tau=0.1, ema=0.9)
+    for c in (plain, smooth):                                        # CE flat: compress after 3 steps
+        assert [c.step(1.0, 1.0) for _ in range(4)] == [1, 1, 2, 2]
+    assert plain.step(1.3, 0.9) == gapt.MEMORIZE and plain.why["reason"] == "CE spike"   # noise
+    assert smooth.step(1.3, 0.9) == gapt.COMPRESS                    # its average rose 3%: no spike
+
+
+def test_the_smoothed_controller_compresses_where_outliers_keep_the_plain_one_memorising():
+    plain, smooth = gapt.GAPT(p_m=3), gapt.GAPT(p_m=3, ema=0.9)
+    ces = [1.0, 0.98, 1.0, 0.96, 1.0, 0.94, 1.0, 0.92, 1.0, 0.90]   # a low outlier every other step
+    assert {plain.step(ce, 1.0) for ce in ces} == {gapt.MEMORIZE}    # each a new best by 0.02
+    assert [smooth.step(ce, 1.0) for ce in ces][3] == gapt.COMPRESS  # its average: a plateau
+
+
+def test_the_smoothed_controller_resumes_exactly():
+    seq = [(2.0 - 0.01 * i + 0.1 * (i % 3), 1.0 - 0.002 * i) for i in range(60)]
+    a = gapt.GAPT(p_m=5, p_c=5, ema=0.9)
+    phases = [a.step(*v) for v in seq]
+    b = gapt.GAPT(p_m=5, p_c=5, ema=0.9)
+    for v in seq[:30]:
+        b.step(*v)
+    c = gapt.GAPT(p_m=5, p_c=5, ema=0.9)
+    c.load_state_dict(json.loads(json.dumps(b.state_dict())))     # through a checkpoint's config
+    assert [c.step(*v) for v in seq[30:]] == phases[30:] and c.state_dict() == a.state_dict()
+    assert b.state_dict()["ce_avg"] is not None and "ema" not in b.state_dict()   # state, not settings
+
+# -----------------------------------------------------------------------------
+# issue 30: best.pt, curves with the evals, a checkpoint torch.load opens
+
+
+def test_best_pt_holds_the_best_evals_weights(tmp_path):
+    out = tmp_path / "run"
+    assert small_run(out, "--max_iters=8", "--learning_rate=0.05", "--min_lr=0.05")[0] == 0
+    evals = [e for e in read_log(out, "eval") if e["step"]]
+    best = min(evals, key=lambda e: e["id_ce"])
+    ck = runs.read_checkpoint(out / "best.pt")
+    assert ck["step"] == best["step"] and ck["best"] == {"step": best["step"], "id_ce": best["id_ce"]}
+    cfg = gapt.resolve(ck["config"])
+    model = gapt.GPT(gapt.GPTConfig(**{k: cfg[k] for k in gapt.GPTConfig.__dataclass_fields__}))
+    model.load_state_dict(ck["model"])
+    _, evals_sets = gapt.make_data(cfg, 0, 1)
+    again = gapt.run_eval(model, evals_sets, cfg, torch.device("cpu"), nullcontext())
+    assert again["id_ce"] == pytest.approx(best["id_ce"], rel=1e-5)
+    assert runs.read_checkpoint(out / "ckpt.pt")["step"] == 8       # the latest resumes
+
+
+def test_curves_png_draws_the_eval_steps(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    figs = []
+    real = report.pyplot
+
+    def keep():
+        plt = real()
+        monkeypatch.setattr(plt, "close", figs.append)
+        return plt
+    monkeypatch.setattr(report, "pyplot", keep)
+    assert small_run(out)[0] == 0
+    lines = {l.get_label(): l for ax in figs[0].axes for l in ax.get_lines()}
+    assert list(lines["id_ce"].get_xdata()) == [e["step"] for e in read_log(out, "eval")]
+    assert list(lines["ood_acc"].get_ydata()) == [e["ood_acc"] for e in read_log(out, "eval")]
+    assert "arithmetic" in figs[0].axes[0].get_title() and str(out) in figs[0].axes[0].get_title()
+
+
+def test_torch_load_opens_a_checkpoint_and_a_flipped_byte_is_still_named(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert small_run(out)[0] == 0
+    ck = torch.load(out / "ckpt.pt", weights_only=False)             # the first thing a user types
+    assert ck["step"] == 4 and ck["config"]["task"] == "arithmetic"
+    blob = bytearray((out / "ckpt.pt").read_bytes())
+    blob[len(blob) // 2] ^= 1
+    (out / "ckpt.pt").write_bytes(bytes(blob))
+    with pytest.raises(runs.ConfigError, match="checksum does not match"):
+        runs.read_checkpoint(out / "ckpt.pt")
+    one_line_error(sample.main(["--device=cpu", f"--out_dir={out}"]), capsys.readouterr().err, 2, "checksum")
+    one_line_error(*small_run(out, "--init_from=resume", capsys=capsys), 2, "checksum")
+
+
+def test_a_checkpoint_written_with_the_older_header_still_loads(tmp_path):
+    import hashlib
+    buf = io.BytesIO()
+    torch.save({"model": {}, "config": {}, "step": 3}, buf)
+    payload = buf.getvalue()
+    (tmp_path / "old.pt").write_bytes(b"GAPT-CKPT sha256 " + hashlib.sha256(payload).hexdigest().encode()
+                                      + b"\n" + payload)
+    assert runs.read_checkpoint(tmp_path / "old.pt")["step"] == 3
+
+# -----------------------------------------------------------------------------
+# issue 29: a resume continues the run that was started; faults that were tracebacks
+
+
+def test_a_resume_with_no_flags_continues_the_run_as_it_was_started(tmp_path, capsys):
+    run = [*FAST, "--batch_size=8", "--max_iters=6", "--learning_rate=0.003"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert gapt.main([*run, f"--out_dir={straight}"]) == 0
+    assert gapt.main([*run[:-2], "--max_iters=4", "--learning_rate=0.003", f"--out_dir={stopped}"]) == 0
+    capsys.readouterr()
+    assert gapt.main(["--device=cpu", "--init_from=resume", "--max_iters=6", f"--out_dir={stopped}"]) == 0
+    assert "replaces" not in capsys.readouterr().out.replace("--max_iters=6 replaces", "")   # but the end
+    assert without_timing(read_log(stopped, "train")) == without_timing(read_log(straight, "train"))
+    assert json.loads((stopped / "config.json").read_text())["batch_size"] == 8
+    assert gapt.main(["--device=cpu", "--init_from=resume", "--max_iters=7", "--batch_size=4",
+                      f"--out_dir={stopped}"]) == 0                   # a given value is said and kept
+    assert "resume: --batch_size=4 replaces the run's 8" in capsys.readouterr().out
+    assert json.loads((stopped / "config.json").read_text())["batch_size"] == 4
+
+
+def test_a_failing_resume_or_weights_check_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert small_run(out)[0] == 0
+    before = (out / "config.json").read_bytes()
+    (out / "log.jsonl").unlink()
+    (out / "log.jsonl").mkdir()
+    one_line_error(*small_run(out, "--init_from=resume", "--max_iters=6", capsys=capsys), 2, "log.jsonl")
+    assert (out / "config.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("n_head", [0, -2, "1e400", '"4"'])
+def test_a_bad_n_head_beside_gpt2_weights_is_one_line_and_writes_nothing(tmp_path, capsys, n_head):
+    hf = tmp_path / "hf"
+    save_tiny_gpt2(hf)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps(config).replace('"n_head": 2', f'"n_head": {n_head}'))
+    out = tmp_path / "run"
+    capsys.readouterr()                                              # transformers' progress bars
+    code = gapt.main(["--device=cpu", "--task=text", "--init_from=gpt2", f"--weights={hf}",
+                      f"--out_dir={out}"])
+    one_line_error(code, capsys.readouterr().err, 2, "n_head")
+    assert not out.exists()
+
+
+def test_a_fresh_comparison_moves_a_single_run_in_its_folder_whole(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert small_run(out)[0] == 0
+    kept = sorted(p for p in os.listdir(out) if not p.startswith("."))
+    assert experiments.main([*FAST, "--task=forgetting", "--compare=gapt", "--seeds=1", "--max_iters=4",
+                             f"--out_dir={out}"]) == 0
+    assert sorted(os.listdir(out / "earlier" / "1")) == kept and "ckpt.pt" in kept and "best.pt" in kept
+    assert not (out / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage\x00\x01", "tensor", "headerless"])
+def test_sampling_from_a_damaged_checkpoint_is_one_line(tmp_path, capsys, content):
+    out = tmp_path / "run"
+    out.mkdir()
+    if content == "tensor":                                          # checksummed, but no checkpoint
+        runs.save_checkpoint(str(out / "ckpt.pt"), torch.ones(3))
+    elif content == "headerless":                                    # a bare torch.save of the wrong thing
+        torch.save([1, 2], out / "ckpt.pt")
+    else:
+        (out / "ckpt.pt").write_bytes(content)
+    one_line_error(sample.main(["--device=cpu", f"--out_dir={out}"]), capsys.readouterr().err, 2, "damaged")
+
+
+def test_a_tiny_temperature_is_greedy_and_ctrl_c_while_sampling_is_one_line(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert small_run(out)[0] == 0
+    capsys.readouterr()
+    assert sample.main(["--device=cpu", f"--out_dir={out}", "--start=7 x 8"]) == 0
+    greedy = capsys.readouterr().out
+    assert sample.main(["--device=cpu", f"--out_dir={out}", "--start=7 x 8", "--temperature=1e-300"]) == 0
+    assert capsys.readouterr().out == greedy
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(gapt.GPT, "generate", stop)
+    assert sample.main(["--device=cpu", f"--out_dir={out}", "--start=7 x 8"]) == 130
+    assert capsys.readouterr().err == "stopped (Ctrl-C)\n"
+
+
+@pytest.mark.parametrize("key, value", [("task", "nosuch"), ("seed", "abc"), ("n_layer", "abc")])
+def test_a_resumed_comparison_with_a_damaged_config_is_one_line(tmp_path, capsys, key, value):
+    out = tmp_path / "cmp"
+    args = [*FAST, "--max_iters=2", "--seeds=1", "--compare=memorize", f"--out_dir={out}"]
+    assert experiments.main(args) == 0
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(dict(config, **{key: value})))
+    capsys.readouterr()
+    one_line_error(experiments.main([*args, "--init_from=resume"]), capsys.readouterr().err, 2, key)
+
+
+@pytest.mark.parametrize("spec, msg", [("gapt:tau=1:tau=2", "twice"), ("gapt:phase_mode=memorize", "sets it"),
+                                       ("memorize,gapt:init_from=gpt2", "sets it"), ("gapt:sample=1", "sample")])
+def test_compare_specs_that_cannot_mean_what_they_say_are_refused(tmp_path, capsys, spec, msg):
+    out = tmp_path / "cmp"
+    code = experiments.main([*FAST, f"--compare={spec}", f"--out_dir={out}"])
+    one_line_error(code, capsys.readouterr().err, 2, msg)
+    assert not out.exists()
+
+
+def test_a_figure_folder_that_cannot_be_written_is_found_before_any_arm_trains(tmp_path, capsys, monkeypatch):
+    def refuse(*a, **k):                                             # as a read-only folder (root ignores chmod)
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(experiments.tempfile, "TemporaryFile", refuse)
+    out = tmp_path / "cmp"
+    code = experiments.main([*FAST, "--compare=memorize", f"--fig={tmp_path / 'figs' / 'a.png'}",
+                             f"--out_dir={out}"])
+    one_line_error(code, capsys.readouterr().err, 2, "--fig", "Permission denied")
+    assert not out.exists()
+
+
+def test_bad_input_paths_and_huge_values_are_one_line(tmp_path, capsys):
+    for flag in ("--n_layer=1000000000000000000000000000000", "--n_embd=1000000000000000000000000000000"):
+        one_line_error(gapt.main(["--device=cpu", flag, f"--out_dir={tmp_path / 'a'}"]),
+                       capsys.readouterr().err, 2, flag.partition("=")[0])
+    code = experiments.main(["--task=forgetting", "--forget_m=1e308", f"--out_dir={tmp_path / 'f'}"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Warning" not in err, err       # one line, exit 0 or 1
+    afile = tmp_path / "a\nfile"
+    afile.write_text("")
+    one_line_error(gapt.main(["--device=cpu", f"--out_dir={afile}"]), capsys.readouterr().err, 2,
+                   repr(str(afile)))
+
+
+def test_a_torch_warning_on_a_bare_tensor_checkpoint_is_not_printed(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    runs.save_checkpoint(str(out / "ckpt.pt"), torch.ones(3))
+    import warnings
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        code = sample.main(["--device=cpu", f"--out_dir={out}"])
+    assert code == 2 and not said, [str(w.message) for w in said]
+
+
+@pytest.mark.parametrize("script, sig, code", [("gapt.py", signal.SIGTERM, 143), ("experiments.py", signal.SIGINT, 130),
+                                               ("sample.py", signal.SIGTERM, 143)])
+def test_a_signal_while_an_entry_script_imports_is_one_line(tmp_path, script, sig, code):
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, script), f"--out_dir={tmp_path}"], cwd=HERE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    maps = Path(f"/proc/{p.pid}/maps")
+    while p.poll() is None and "numpy" not in maps.read_text():
+        pass
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == code and err.count("\n") == 1 and err.startswith("stopped ("), err
+
+# -----------------------------------------------------------------------------
+# issues 29 and 30, data.py: the arithmetic prompt and answer of sample.py, the tokenizer travels
+# with the corpus, input too small for two splits is refused, and a stop (Ctrl-C, SIGTERM) at any
+# moment of `data.py text` is one line and keeps the earlier corpus
+
+
+def folder(path):
+    """Every file under path, hidden ones (.partial) too: {relative path: bytes}."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in Path(path).rglob("*") if p.is_file()}
+
+
+def make_text(tmp_path, out, text, *more):
+    """`data.py text` (in this process) on a file holding text, into out: its exit code."""
+    path = tmp_path / f"in{len(list(tmp_path.glob('in*.txt')))}.txt"
+    path.write_text(text)
+    return data.main(["text", str(path), "--out", str(out), "--tokenizer_file", tokenizer_file(),
+                      *more])
+
+# -----------------------------------------------------------------------------
+# the arithmetic task's prompt and answer, as sample.py shows them
+
+
+def test_arith_prompt_and_show():
+    for text in ("7 x 8", "7*8 =", " 7 x 8 = "):
+        ids, stop, room = data.arith_prompt(text)
+        assert data.arith_decode(ids) == "<bos>7 x 8 = " and stop == data.EOS and room >= 3
+    answer = [data.ARITH_STOI[c] for c in "65"] + [data.EOS, data.ARITH_STOI["1"]]   # after <eos>: unread
+    assert data.arith_show("7 x 8", answer, True) == "7 x 8 = 56   right (written 65)"
+    assert data.arith_show("7 x 8", answer, False) == "7 x 8 = 65   wrong: 56"
+    assert data.arith_show("7 x 8", [data.ARITH_STOI[c] for c in "56"], False) == "7 x 8 = 56   right"
+    assert data.arith_show("7 x 8", [data.ARITH_STOI[c] for c in "5 x"], True) == \
+        "7 x 8 = 5 x   wrong: 56"                                    # not an answer: as written
+    for text in ("hello", "7 + 8", "7 x", "1234567890 x 2"):
+        with pytest.raises(data.DataError, match="multiplies"):
+            data.arith_prompt(text)
+
+# -----------------------------------------------------------------------------
+# the tokenizer travels with the corpus, as gpt2.tiktoken beside the shards
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No $GAPT_TOKENIZER_FILE, and tiktoken's own encoding fails as it does offline."""
+    def no_download(name):
+        raise ConnectionError("Max retries exceeded")
+    monkeypatch.delenv("GAPT_TOKENIZER_FILE", raising=False)
+    monkeypatch.setattr(data.tiktoken, "get_encoding", no_download)
+
+
+def test_the_corpus_keeps_its_tokenizer_and_get_tokenizer_finds_it_offline(tmp_path, offline, monkeypatch):
+    docs, out = corpus(30), tmp_path / "out"
+    assert make_text(tmp_path, out, "\n\n".join(docs), "--shard_size", "300") == 0
+    assert (out / "gpt2.tiktoken").read_bytes() == Path(tokenizer_file()).read_bytes()   # a copy, not a path
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".bin")) == ["gpt2.tiktoken"]
+    moved = tmp_path / "elsewhere"
+    shutil.move(out, moved)                                          # the folder is self-contained
+    enc, ref = data.get_tokenizer(None, moved), data.get_tokenizer(tokenizer_file())
+    assert enc.decode(all_tokens(moved).tolist()) == "".join(EOT_TEXT + d for d in docs)
+    text = "Naïve models compress 42 tokens."
+    assert enc.encode_ordinary(text) == ref.encode_ordinary(text)
+    assert enc.decode(enc.encode_ordinary(text)) == text
+    assert data.get_tokenizer(None, str(moved)).encode_ordinary(text) == ref.encode_ordinary(text)  # a str
+    # the order: the file given, then $GAPT_TOKENIZER_FILE, then the corpus's copy, then tiktoken's own
+    (moved / "gpt2.tiktoken").write_text("not base64 ranks\n")      # a damaged copy is read, and named
+    with pytest.raises(data.DataError, match="gpt2.tiktoken"):
+        data.get_tokenizer(None, moved)
+    assert data.get_tokenizer(tokenizer_file(), moved).encode_ordinary(text) == ref.encode_ordinary(text)
+    monkeypatch.setenv("GAPT_TOKENIZER_FILE", tokenizer_file())
+    assert data.get_tokenizer(None, moved).encode_ordinary(text) == ref.encode_ordinary(text)
+    monkeypatch.delenv("GAPT_TOKENIZER_FILE")
+    for corpus_dir in (tmp_path, None):                              # no copy there: tiktoken's own, offline
+        with pytest.raises(data.Unavailable, match="TIKTOKEN_CACHE_DIR"):
+            data.get_tokenizer(None, corpus_dir)
+
+
+def test_the_tokenizer_copy_is_written_only_with_the_shards(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    monkeypatch.setenv("GAPT_TOKENIZER_FILE", tokenizer_file())    # $GAPT_TOKENIZER_FILE is copied too
+    (tmp_path / "a.txt").write_text("\n\n".join(corpus(40)))
+    assert data.main(["text", str(tmp_path / "a.txt"), "--out", str(out), "--shard_size", "300"]) == 0
+    assert (out / "gpt2.tiktoken").read_bytes() == Path(tokenizer_file()).read_bytes()
+    (out / "gpt2.tiktoken").write_bytes(b"the earlier corpus's copy")
+    before = folder(out)
+    real_write = data.write_shard
+
+    def stop_at_train(path, tokens):                                 # a rewrite stopped after the val shard
+        if "_train_" in str(path):
+            raise KeyboardInterrupt
+        real_write(path, tokens)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, "write_shard", stop_at_train)
+        assert make_text(tmp_path, out, "\n\n".join(corpus(50, seed=1)), "--shard_size", "300") == 130
+        assert make_text(tmp_path, tmp_path / "new", "\n\n".join(corpus(50)), "--shard_size", "300") == 130
+    assert folder(out) == before and not (tmp_path / "new").exists()   # the earlier copy, as it was
+    assert make_text(tmp_path, out, "\n\n".join(corpus(50, seed=1)), "--shard_size", "300") == 0
+    assert (out / "gpt2.tiktoken").read_bytes() == Path(tokenizer_file()).read_bytes()
+    jsonl = tmp_path / "fw.jsonl"                                    # and FineWeb's rows, read locally
+    jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus(40)))
+    assert data.main(["fineweb", "--local", str(jsonl), "--shards", "1", "--shard_size", "100",
+                      "--out", str(tmp_path / "fw")]) == 0
+    assert (tmp_path / "fw" / "gpt2.tiktoken").read_bytes() == Path(tokenizer_file()).read_bytes()
+    capsys.readouterr()
+
+# -----------------------------------------------------------------------------
+# input too small for a val and a train split of 2 tokens each (an input and its target)
+
+
+def test_input_too_small_for_two_splits_is_refused_before_the_earlier_corpus_is_touched(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert make_text(tmp_path, out, "\n\n".join(corpus(40)), "--shard_size", "300") == 0
+    before = folder(out)
+    for text, n in (("hello\n", 2), ("hello world\n", 3)):          # <|endoftext|> first: 2 and 3 tokens
+        capsys.readouterr()
+        assert make_text(tmp_path, out, text) == 2                  # was 0, and a val and a train shard of 1
+        one_line_error(2, capsys.readouterr().err, 2, f"{n} tokens", "too few")
+        assert folder(out) == before                                # the earlier corpus, its copy: untouched
+        assert make_text(tmp_path, tmp_path / "new", text) == 2 and not (tmp_path / "new").exists()
+    (tmp_path / "word.txt").write_text("word\n")
+    code, _, err = run_data("text", tmp_path / "word.txt", "--out", out, "--tokenizer_file", tokenizer_file())
+    one_line_error(code, err, 2, "2 tokens")                          # and on the command line
+    assert folder(out) == before
+
+
+@pytest.mark.parametrize("text, val_fraction, split", [("hello big world\n", "0.1", (2, 2)),
+                                                        ("hello big world again\n", "0.1", (2, 3)),
+                                                        ("hello big world again\n", "0.9", (3, 2))])
+def test_a_small_corpus_makes_val_and_train_of_at_least_two_tokens(tmp_path, text, val_fraction, split):
+    # replaces test_gapt.py's test_small_corpus_makes_val_and_train, whose 3 tokens are now refused
+    assert make_text(tmp_path, tmp_path / "out", text, "--val_fraction", val_fraction) == 0
+    shards = data.find_shards(tmp_path / "out", "val") + data.find_shards(tmp_path / "out", "train")
+    assert tuple(len(data.read_shard(p)) for p in shards) == split
+
+# -----------------------------------------------------------------------------
+# a stop, Ctrl-C or SIGTERM, at any moment of `data.py text`: one line, 130 or 143, the earlier
+# corpus whole, no process left
+
+
+def live(pgid):
+    """The pids of the process group's processes that are still running (zombies aside)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()   # state, ppid, pgrp, ...
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def threads(pid):
+    """How many threads the process runs (0 once it has ended)."""
+    try:
+        return int(re.search(r"Threads:\s*(\d+)", Path(f"/proc/{pid}/status").read_text())[1])
+    except OSError:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def big_text(tmp_path_factory):
+    """~15 MB of text, ~3M tokens: `data.py text` tokenises it for seconds (2 cores)."""
+    rng = np.random.default_rng(0)
+    words = np.array("the a model learns forgets compresses tokens data entropy naïve 42 phase cycle"
+                     .split())
+    path = tmp_path_factory.mktemp("big") / "big.txt"
+    path.write_text("\n\n".join(map(" ".join, rng.choice(words, size=(200_000, 12)))))
+    return path
+
+
+STOP_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+@pytest.mark.parametrize("moment", ["the threads start", "tokenising", "writing shards"])
+def test_a_stop_mid_run_is_one_line_and_keeps_the_earlier_corpus(tmp_path, big_text, moment, capsys):
+    out = tmp_path / "out"
+    assert make_text(tmp_path, out, "\n\n".join(corpus(40)), "--shard_size", "300") == 0
+    before = folder(out)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # its own process group, as a shell's job: Ctrl-C reaches every process of the run
+        p = subprocess.Popen([sys.executable, data.__file__, "text", str(big_text), "--out", str(out),
+                              "--shard_size", "2000", "--tokenizer_file", tokenizer_file()],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+        try:
+            # until its tokenizer threads start, one a core: the main thread and numpy's (OpenBLAS:
+            # one a core but one) make no more than a thread a core before
+            while p.poll() is None and threads(p.pid) <= os.cpu_count():
+                time.sleep(0.005)
+            if moment == "tokenising":
+                time.sleep(0.2)
+            while moment == "writing shards" and p.poll() is None and not (out / ".partial").exists():
+                time.sleep(0.005)
+            assert p.poll() is None, "the run ended before the stop"
+            os.killpg(p.pid, sig)
+            _, err = p.communicate(timeout=60)
+            for _ in range(100):                                     # nothing of the run is left
+                if not live(p.pid):
+                    break
+                time.sleep(0.1)
+            assert not live(p.pid), "a process of the run is left"
+        finally:
+            if live(p.pid):
+                os.killpg(p.pid, signal.SIGKILL)
+        assert p.returncode == 128 + sig and err.count("\n") == 1, err   # one line: no worker's traceback
+        assert err.startswith(f"stopped ({STOP_NAMES[sig]}); --out holds") and "Traceback" not in err, err
+        if "all in place" not in err:
+            assert folder(out) == before, moment                    # the earlier corpus and its copy, whole
+        else:                                                        # it came as the shards were moved in
+            names = sorted(path.name for path in out.glob("*.bin"))
+            assert names == [f"text_{'train' if i else 'val'}_{i:06d}.bin" for i in range(len(names))]
+            assert not (out / ".partial").exists() and len(names) > 100
+            shutil.rmtree(out)
+            assert make_text(tmp_path, out, "\n\n".join(corpus(40)), "--shard_size", "300") == 0
+
+
+def test_a_stop_while_the_shards_move_in_waits_until_the_new_corpus_is_whole(tmp_path, monkeypatch, capsys):
+    out, new = tmp_path / "out", tmp_path / "new"
+    assert make_text(tmp_path, out, "\n\n".join(corpus(120)), "--shard_size", "300") == 0     # 9 shards
+    assert make_text(tmp_path, new, "\n\n".join(corpus(60, seed=1)), "--shard_size", "300") == 0   # 5
+    expected, real_replace, sent = folder(new), os.replace, []
+
+    def replace(src, dst):                                           # Ctrl-C as the first shard moves in
+        if Path(dst).parent == out and not sent:
+            sent.append(dst)
+            os.kill(os.getpid(), signal.SIGINT)
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    capsys.readouterr()
+    assert make_text(tmp_path, out, "\n\n".join(corpus(60, seed=1)), "--shard_size", "300") == 130
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert sent and err == "stopped (Ctrl-C); --out holds the new shards, all in place\n", err
+    assert folder(out) == expected                                   # was a mix of the two corpora
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_while_data_py_starts_is_one_line(tmp_path, sig):
+    p = subprocess.Popen([sys.executable, data.__file__, "text", str(tmp_path / "none.txt"), "--out",
+                          str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    maps = Path(f"/proc/{p.pid}/maps")
+    while p.poll() is None and "numpy" not in maps.read_text(errors="replace"):   # in the imports,
+        time.sleep(0.001)                                            # before torch
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + sig and err.count("\n") == 1, err    # was a KeyboardInterrupt traceback
+    assert err.startswith(f"stopped ({STOP_NAMES[sig]})") and not (tmp_path / "out").exists(), err
