@@ -267,13 +267,20 @@ def figures(cfg, dirs, arms, path):
     shaded = gapts and (gapts[0], read_log(dirs[gapts[0]][0], "train", "phase"))
     report.plot_compare(path, {a: [read_log(o, "eval") for o in outs] for a, outs in dirs.items()},
                         FORGETTING_PANELS if task == "forgetting" else gapt.TASKS[task].panels,
-                        task, shaded)
+                        what(cfg), shaded)
     print(f"figure: {path}\nresults: {os.path.join(cfg['out_dir'], 'results.json')}")
     if gapts and task != "forgetting":
         report.plot_phases(os.path.join(here, "phases.png"), {a: read_log(
             dirs[a][0], "train", "phase", "ce", "mbe") for a in gapts}, seed)
     report.plot_cycle(os.path.join(here, "cycle.png"), {
         arm: [read_log(o, "align", "cos") for o in outs] for arm, outs in dirs.items()}, seed)
+
+
+def what(cfg):   # a comparison's figure's title: the task, its layout or corpus, M's layers
+    if cfg["task"] == "forgetting":
+        return "forgetting toy"
+    data_of = {"arithmetic": f"{cfg['arith_layout']} layout, ", "text": f"{cfg['data_dir']}, "}
+    return f"{cfg['task']} ({data_of.get(cfg['task'], '')}M: layers {gapt.resolve(cfg)['layers']})"
 
 
 def t_quantile(p, df):
