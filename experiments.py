@@ -245,6 +245,7 @@ def compare(cfg):
             print(f"=== {arm}, seed {cfg['seed'] + s} -> {out}", flush=True)
             resume = cfg["init_from"] == "resume" and os.path.exists(os.path.join(out, "ckpt.pt"))
             one = {**cfg, **flags, "seed": cfg["seed"] + s, "out_dir": out, "compare": "",
+                   "given": [*cfg.get("given", ()), *flags],
                    "init_from": "resume" if resume else fresh}
             try:
                 forgetting(one) if one["task"] == "forgetting" else gapt.train(one)

@@ -896,10 +896,10 @@ def save(r, state, new_best):   # every rank's data and RNG state; ckpt.pt and b
     if r.master and not all(torch.isfinite(p).all() for p in state["model"].values()):
         print(f"step {state['step']}: non-finite weights, checkpoint not written")
     elif r.master:
-        runs.save_checkpoint(os.path.join(r.cfg["out_dir"], "ckpt.pt"), {**state, "ranks": ranks})
-        if new_best:   # the weights alone: best.pt samples and evaluates, ckpt.pt resumes
+        if new_best:   # first (a stop between them: the resume writes it again); weights only
             runs.save_checkpoint(os.path.join(r.cfg["out_dir"], "best.pt"), {
                 k: state[k] for k in ("model", "step", "best", "config")})
+        runs.save_checkpoint(os.path.join(r.cfg["out_dir"], "ckpt.pt"), {**state, "ranks": ranks})
 
 
 def finish(r, seconds):
@@ -984,8 +984,8 @@ def main(argv=None, parse=parse_args, run=None, script=__file__):
         return 0
     except BaseException as e:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)   # the last line is not cut short
-        code, line = report.ending(e, cfg, argv, script, ConfigError, (TrainingError,
-                                                                      data.DataError))
+        code, line = report.ending(e, cfg, argv, script, ConfigError,
+                                   (TrainingError, data.DataError, data.Unavailable))
         if line:
             sys.stderr.write(line + "\n")                # one write: ranks' lines do not mix
         return code

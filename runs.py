@@ -7,8 +7,8 @@ A run's folder, and what survives a crash. gapt.py trains; this file keeps its p
 - checkpoints carry a sha256 in their zip archive's comment: torch.load opens them as they are, and
   read_checkpoint, the one reader every caller uses, names a changed byte in one line;
 - the log survives a torn line, and on resume loses the steps after the checkpoint (they run again);
-- --init_from=resume continues the run as it was started (resume_config);
-- GPT-2's weight files are read here (gapt.fit_gpt2 maps the names). It imports no project module.
+- --init_from=resume continues the run as it was started (resume_config). Also: GPT-2's weight
+files (gapt.fit_gpt2 maps their names). It imports no project module.
 """
 import fcntl
 import glob
@@ -32,8 +32,7 @@ class TrainingError(RuntimeError):   # a run that cannot go on (e.g. persistent 
     pass
 
 
-def quoted(path):
-    """A path as one line: quoted when it holds a newline or another odd character."""
+def quoted(path):   # a path as one line: quoted when it holds a newline or another odd character
     return repr(str(path)) if not str(path).isprintable() else str(path)
 
 
@@ -67,7 +66,8 @@ def save_checkpoint(path, state):
     torch.save(state, buf)
     archive = buf.getbuffer()
     mark = CKPT_MAGIC + hashlib.sha256(archive).hexdigest().encode()
-    assert archive[-22:-18] == b"PK\x05\x06" and archive[-2:] == b"\0\0"   # end record, no comment
+    if archive[-22:-18] != b"PK\x05\x06" or archive[-2:] != b"\0\0":   # an end record, no comment
+        raise RuntimeError("torch.save wrote an archive this checksum cannot annotate")
     write_atomic(path, archive[:-2], len(mark).to_bytes(2, "little"), mark)
 
 
@@ -130,7 +130,7 @@ def check_saved(saved, where, defaults, choices, validate):
 def resume_config(cfg, saved, defaults, fixed, where, say=print):
     """cfg (the command line's) continued from saved (the run's config): saved's value for every
     setting not given, the given ones said (say), those in fixed refused when they differ."""
-    given = cfg.get("given", [k for k in defaults if cfg.get(k) != defaults[k]])
+    given = cfg["given"] if "given" in cfg else [k for k in defaults if cfg[k] != defaults[k]]
     old = {k: saved.get(k, defaults[k]) for k in defaults}   # older configs lack newer keys
     for k in given:
         if k in MACHINE or k not in defaults or cfg[k] == old[k]:
@@ -146,8 +146,7 @@ def resume_config(cfg, saved, defaults, fixed, where, say=print):
     return out
 
 
-def rng_state():
-    """This process's random generators (a checkpoint holds every rank's)."""
+def rng_state():   # this process's random generators (a checkpoint holds every rank's)
     cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None   # this rank's GPU
     return {"python": random.getstate(), "numpy": np.random.get_state(),
             "torch": torch.get_rng_state(), "cuda": cuda}
@@ -266,6 +265,7 @@ def lock_dir(out_dir):
     except BlockingIOError:
         f.seek(0)
         pid = f.read().strip() or "?"
+        f.close()
         raise ConfigError(f"--out_dir={quoted(out_dir)}: another run (pid {pid}) is writing here; "
                           f"wait for it to end, or choose another --out_dir") from None
     f.truncate(0)

@@ -66,13 +66,9 @@ def sample(cfg):
     device, ctx, _, _ = gapt.setup_device({**cfg, "dtype": "auto", "compile": "off"})
     model.to(device)
     torch.manual_seed(cfg["seed"])
-    task = gapt.TASKS[c["task"]]
-    if cfg["start"]:
-        prompts = [cfg["start"]]
-    else:   # the examples the run ended with
-        loader, evals = gapt.make_data(c, 0, 1)
-        prompts = task.examples(c, evals)
-    try:
+    try:   # no --start: the examples the run ended with
+        prompts = [cfg["start"]] if cfg["start"] else \
+            gapt.TASKS[c["task"]].examples(c, gapt.make_data(c, 0, 1)[1])
         for text in prompts:
             with ctx:
                 for line in gapt.complete(model, c, text, cfg["num_samples"], cfg["temperature"],
